@@ -1,0 +1,373 @@
+"""Batched extraction: images -> original features, norms, attention, and a final-block cache for any θ.
+
+One pass over the data runs the backbone once. What the final block's CLS output depends on is kept
+(:class:`FinalBlockCache`), so features at a new θ or rule are recomputed by :meth:`Extraction.itae`
+with the same engine functions as a full forward pass, without touching the backbone.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from itae import engine
+from itae.backbones import Backbone
+from itae.data import ImageDataset, SkippedImage, UnreadableImage
+
+__all__ = ["Extraction", "FinalBlockCache", "ItaeResult", "StaleCacheError", "extract", "extract_cached", "cache_key"]
+
+FORMAT_VERSION = 1
+SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
+
+
+class StaleCacheError(ValueError):
+    """A saved extraction belongs to another model, weights, dataset or preprocessing."""
+
+
+@dataclass
+class FinalBlockCache:
+    """The per-image inputs of the final block's CLS output (see ``engine.FinalBlockState``).
+
+    Attributes
+    ----------
+    cls_input : ndarray of shape (N, C), float32
+    cls_logits : ndarray of shape (N, H, T), float32
+    values : ndarray of shape (N, H, T, d); float32, or int16 holding bfloat16 bits when
+        extraction ran under bf16 autocast (``values_dtype`` says which)
+    values_dtype : "float32" or "bfloat16"
+    """
+
+    cls_input: np.ndarray
+    cls_logits: np.ndarray
+    values: np.ndarray
+    values_dtype: str
+
+    def nbytes_per_image(self) -> int:
+        n = len(self.cls_input)
+        return (self.cls_input.nbytes + self.cls_logits.nbytes + self.values.nbytes) // max(n, 1)
+
+    def state(self, rows: slice, query_norms: np.ndarray, device: torch.device) -> engine.FinalBlockState:
+        values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
+        if self.values_dtype == "bfloat16":
+            values = values.view(torch.bfloat16)
+        return engine.FinalBlockState(
+            cls_input=torch.from_numpy(self.cls_input[rows]).to(device),
+            cls_logits=torch.from_numpy(self.cls_logits[rows]).to(device),
+            values=values.to(device),
+            query_norms=torch.from_numpy(query_norms[rows]).to(device),
+        )
+
+
+@dataclass
+class ItaeResult:
+    """Features and attention at one θ and rule.
+
+    Attributes
+    ----------
+    theta, rule : the setting
+    features : ndarray of shape (N, C), not L2-normalised
+    attention : ndarray of shape (N, H, T), the softmax CLS row per head
+    artifact_mask : ndarray of bool, shape (N, T)
+    """
+
+    theta: float
+    rule: str
+    features: np.ndarray
+    attention: np.ndarray
+    artifact_mask: np.ndarray
+
+
+@dataclass
+class Extraction:
+    """Everything extracted from a dataset with one backbone.
+
+    Attributes
+    ----------
+    meta : dict, JSON-ready: model, label, weights, data, key, num_prefix_tokens, grid_size, ...
+    features_original : ndarray of shape (N, C), the unmodified final-norm CLS output
+    query_norms : ndarray of shape (N, T), Eq. 4, CLS in column 0
+    output_norms : ndarray of shape (N, T), L2 norms of the model's final (normed) output tokens
+    attention_original : ndarray of shape (N, H, T), the original softmax CLS row per head
+    labels : ndarray of int64, shape (N,), or None
+    names : list of N str
+    indices : ndarray of shape (N,), the dataset index of each row (skipped images have none)
+    cache : FinalBlockCache
+    skipped : images that could not be decoded
+    """
+
+    meta: dict
+    features_original: np.ndarray
+    query_norms: np.ndarray
+    output_norms: np.ndarray
+    attention_original: np.ndarray
+    labels: np.ndarray | None
+    names: list[str]
+    indices: np.ndarray
+    cache: FinalBlockCache
+    skipped: list[SkippedImage] = field(default_factory=list)
+    _backbone: Backbone | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.features_original)
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return self.meta.get("class_names")
+
+    def attach(self, backbone: Backbone) -> None:
+        """Give a loaded extraction the backbone whose final block recomputes features at a new θ."""
+        if cache_key(backbone.identity(), self.meta["data_fingerprint"]) != self.meta["key"]:
+            raise StaleCacheError(f"this extraction was made with {self.meta['model']} / {self.meta['weights']}, not {backbone.label}")
+        self._backbone = backbone
+
+    def artifact_mask(self, theta: float, rule: str = "minority") -> np.ndarray:
+        """Eq. 2-3 on the cached query norms: bool (N, T)."""
+        return engine.split_artifacts(torch.from_numpy(self.query_norms), float(theta), rule).numpy()
+
+    @torch.inference_mode()
+    def itae(self, theta: float, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
+        """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6)."""
+        if self._backbone is None:
+            raise RuntimeError("a loaded Extraction needs .attach(backbone) before .itae(): the final block lives there")
+        backbone = self._backbone
+        block, norm, device = backbone.model.blocks[-1], backbone.model.norm, backbone.device
+        features, attention, masks = [], [], []
+        with _autocast(device, self.cache.values_dtype == "bfloat16"):
+            for start in range(0, len(self), batch_size):
+                rows = slice(start, start + batch_size)
+                state = self.cache.state(rows, self.query_norms, device)
+                mask = engine.split_artifacts(state.query_norms, float(theta), rule)
+                feats, attn = engine.cls_output(block, norm, state, mask)
+                features.append(feats.float().cpu().numpy())
+                attention.append(attn.float().cpu().numpy())
+                masks.append(mask.cpu().numpy())
+        return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), np.concatenate(masks))
+
+    def save(self, path: str | Path, itae: ItaeResult | None = None) -> Path:
+        """Write everything to one ``.npz``, optionally with the ITAE features at one θ (``features_itae``)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {
+            "features_original": self.features_original,
+            "query_norms": self.query_norms,
+            "output_norms": self.output_norms,
+            "attention_original": self.attention_original,
+            "indices": self.indices,
+            "names": np.array(self.names, dtype=str),
+            "cache_cls_input": self.cache.cls_input,
+            "cache_cls_logits": self.cache.cls_logits,
+            "cache_values": self.cache.values,
+            "skipped": np.array([[s.name, s.reason] for s in self.skipped], dtype=str).reshape(-1, 2),
+        }
+        meta = dict(self.meta, values_dtype=self.cache.values_dtype)
+        if self.labels is not None:
+            arrays["labels"] = self.labels
+        if itae is not None:
+            arrays["features_itae"] = itae.features
+            arrays["artifact_mask"] = itae.artifact_mask
+            meta.update(theta=itae.theta, rule=itae.rule)
+        arrays["meta"] = np.array(json.dumps(meta))
+        temporary = path.with_name(f".{path.name}.{np.random.default_rng().integers(1 << 62)}.tmp.npz")
+        np.savez(temporary, **arrays)
+        temporary.replace(path)  # atomic: a reader never sees half a file
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, backbone: Backbone | None = None, data_fingerprint: str | None = None) -> "Extraction":
+        """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one."""
+        with np.load(path, allow_pickle=False) as file:
+            arrays = {name: file[name] for name in file.files}
+        meta = json.loads(str(arrays["meta"]))
+        if meta.get("format") != FORMAT_VERSION:
+            raise StaleCacheError(f"{path} was written by another version of itae (format {meta.get('format')})")
+        if backbone is not None and data_fingerprint is not None:
+            if cache_key(backbone.identity(), data_fingerprint) != meta["key"]:
+                raise StaleCacheError(f"{path} was extracted from other data, model, weights or preprocessing")
+        extraction = cls(
+            meta=meta,
+            features_original=arrays["features_original"],
+            query_norms=arrays["query_norms"],
+            output_norms=arrays["output_norms"],
+            attention_original=arrays["attention_original"],
+            labels=arrays.get("labels"),
+            names=arrays["names"].tolist(),
+            indices=arrays["indices"],
+            cache=FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["values_dtype"]),
+            skipped=[SkippedImage(name, reason) for name, reason in arrays["skipped"].tolist()],
+        )
+        if backbone is not None:
+            extraction.attach(backbone)
+        return extraction
+
+
+def cache_key(backbone_identity: dict, data_fingerprint: str) -> str:
+    """A hex key that changes with the model, weights, preprocessing, data or file format."""
+    blob = json.dumps({"backbone": backbone_identity, "data": data_fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class _Preprocessed(Dataset):
+    """Decodes lazily; a file that fails to decode comes back as its reason instead of a tensor."""
+
+    def __init__(self, dataset: ImageDataset, preprocess: Callable):
+        self.dataset, self.preprocess = dataset, preprocess
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        try:
+            return index, self.preprocess(self.dataset.load(index)), None
+        except UnreadableImage as error:
+            return index, None, str(error)
+
+
+def _collate(items):
+    good = [(i, x) for i, x, _ in items if x is not None]
+    bad = [(i, reason) for i, x, reason in items if x is None]
+    indices = torch.tensor([i for i, _ in good], dtype=torch.long)
+    images = torch.stack([x for _, x in good]) if good else None
+    return indices, images, bad
+
+
+def _autocast(device: torch.device, enabled: bool):
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _new_array(shape: tuple, dtype, spill_dir: Path | None) -> np.ndarray:
+    nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    if nbytes <= SPILL_BYTES:
+        return np.empty(shape, dtype=dtype)
+    handle = tempfile.NamedTemporaryFile(dir=spill_dir, suffix=".npy", delete=False)
+    return np.lib.format.open_memmap(handle.name, mode="w+", dtype=dtype, shape=shape)
+
+
+@torch.inference_mode()
+def extract(
+    backbone: Backbone,
+    dataset: ImageDataset,
+    batch_size: int = 32,
+    num_workers: int = 0,
+    precision: str = "auto",
+    progress: Callable[[int, int], None] | None = None,
+    spill_dir: str | Path | None = None,
+) -> Extraction:
+    """Run the backbone once over ``dataset``.
+
+    Parameters
+    ----------
+    backbone : Backbone from ``load_backbone``
+    dataset : ImageDataset
+    batch_size : images per forward pass
+    num_workers : DataLoader worker processes for decoding
+    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" or "fp32"
+    progress : callable(done, total), called after each batch
+    spill_dir : folder for the memory-mapped value cache of large sets (default: the system temp folder)
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if precision not in ("auto", "bf16", "fp32"):
+        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if len(dataset) == 0:
+        raise ValueError("the dataset has no images to extract")
+    model, device = backbone.model, backbone.device
+    block = engine.check_model(model)
+    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    n, total = len(dataset), len(dataset)
+    T = model.patch_embed.num_patches + model.num_prefix_tokens
+    H, d, C = block.attn.num_heads, block.attn.head_dim, model.embed_dim
+    spill = Path(spill_dir) if spill_dir else None
+    out = {
+        "features": np.empty((n, C), np.float32),
+        "query_norms": np.empty((n, T), np.float32),
+        "output_norms": np.empty((n, T), np.float32),
+        "attention": np.empty((n, H, T), np.float32),
+        "cls_input": np.empty((n, C), np.float32),
+        "cls_logits": np.empty((n, H, T), np.float32),
+        "values": _new_array((n, H, T, d), np.int16 if bf16 else np.float32, spill),
+    }
+    indices, skipped, row = np.empty(n, np.int64), [], 0
+    loader = DataLoader(
+        _Preprocessed(dataset, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
+        collate_fn=_collate, pin_memory=device.type == "cuda",
+    )
+    done = 0
+    for batch_indices, images, bad in loader:
+        skipped += [SkippedImage(dataset.names[i], reason) for i, reason in bad]
+        done += len(batch_indices) + len(bad)
+        if images is not None:
+            with _autocast(device, bf16):
+                x = engine.final_block_input(model, images.to(device, non_blocking=True))
+                tokens, state = engine.final_block_forward(block, x)
+                output = model.norm(tokens)
+            rows = slice(row, row + len(batch_indices))
+            values = state.values.contiguous()
+            out["values"][rows] = (values.view(torch.int16) if bf16 else values.float()).cpu().numpy()
+            out["features"][rows] = output[:, 0].float().cpu().numpy()
+            out["output_norms"][rows] = output.float().norm(dim=-1).cpu().numpy()
+            out["query_norms"][rows] = state.query_norms.cpu().numpy()
+            out["attention"][rows] = state.cls_logits.float().softmax(dim=-1).cpu().numpy()
+            out["cls_input"][rows] = state.cls_input.float().cpu().numpy()
+            out["cls_logits"][rows] = state.cls_logits.float().cpu().numpy()
+            indices[rows] = batch_indices.numpy()
+            row += len(batch_indices)
+        if progress is not None:
+            progress(done, total)
+    if row == 0:
+        raise ValueError(f"none of the {total} images could be decoded: {skipped[0].reason if skipped else ''}")
+    keep = slice(0, row)
+    labels = dataset.labels[indices[keep]] if dataset.labels is not None else None
+    meta = {
+        "format": FORMAT_VERSION,
+        "model": backbone.spec.name,
+        "label": backbone.label,
+        "weights": backbone.weights,
+        "timm_id": backbone.spec.timm_id,
+        "data": dataset.description,
+        "data_fingerprint": dataset.fingerprint,
+        "key": cache_key(backbone.identity(), dataset.fingerprint),
+        "class_names": dataset.class_names,
+        "num_prefix_tokens": model.num_prefix_tokens,
+        "num_registers": backbone.spec.num_registers,
+        "grid_size": list(backbone.grid_size),
+        "default_theta": backbone.default_theta,
+        "precision": "bf16" if bf16 else "fp32",
+        "preprocessing": backbone.identity(),
+    }
+    extraction = Extraction(
+        meta=meta,
+        features_original=out["features"][keep],
+        query_norms=out["query_norms"][keep],
+        output_norms=out["output_norms"][keep],
+        attention_original=out["attention"][keep],
+        labels=labels,
+        names=[dataset.names[i] for i in indices[keep]],
+        indices=indices[keep],
+        cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], "bfloat16" if bf16 else "float32"),
+        skipped=list(dataset.skipped) + skipped,
+    )
+    extraction.attach(backbone)
+    return extraction
+
+
+def extract_cached(backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, **kwargs) -> Extraction:
+    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed."""
+    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint)}.npz"
+    if path.is_file():
+        try:
+            return Extraction.load(path, backbone, dataset.fingerprint)
+        except (StaleCacheError, OSError, KeyError, ValueError):
+            path.unlink(missing_ok=True)  # unreadable or stale: extract again
+    extraction = extract(backbone, dataset, **kwargs)
+    extraction.save(path)
+    return extraction

@@ -1,0 +1,172 @@
+"""The engine against an explicit, loop-by-loop computation of the paper's Eq. 2-6 written here."""
+import math
+
+import pytest
+import timm
+import torch
+
+from itae import cls_features, query_norms
+from itae.engine import attenuate_logits, final_block_input, final_block_tokens, split_artifacts
+
+
+def tiny_vit(registers: int = 0, layer_scale: float | None = 0.5, seed: int = 0):
+    torch.manual_seed(seed)
+    model = timm.models.VisionTransformer(
+        img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=4, reg_tokens=registers,
+        init_values=layer_scale, num_classes=0,
+    )
+    return model.eval()
+
+
+def images(n: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed))
+
+
+def set_fused(model, fused: bool) -> None:
+    for block in model.blocks:
+        block.attn.fused_attn = fused
+
+
+def explicit_final_block(model, x, theta, rule):
+    """Eq. 2-6 one image, one head, one token at a time: the reference the engine must match."""
+    block = model.blocks[-1]
+    heads, d = block.attn.num_heads, block.attn.head_dim
+    C = heads * d
+    qkv = block.norm1(x) @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+    B, T, _ = x.shape
+    norms = torch.zeros(B, T)
+    features = []
+    for b in range(B):
+        for i in range(T):  # Eq. 4
+            norms[b, i] = math.sqrt(sum(float(q[b, i, c] / math.sqrt(d)) ** 2 for c in range(C)))
+        low = [i for i in range(1, T) if norms[b, i] <= theta]  # Eq. 2 (CLS excluded)
+        high = [i for i in range(1, T) if norms[b, i] > theta]
+        if rule == "below":
+            artifacts = low
+        elif rule == "above":
+            artifacts = high
+        else:  # Eq. 3: the minority, L_a on a tie
+            artifacts = low if len(low) <= len(high) else high
+        head_outputs = []
+        for h in range(heads):
+            sl = slice(h * d, (h + 1) * d)
+            logits = torch.stack([(q[b, 0, sl] * d**-0.5) @ k[b, j, sl] for j in range(T)])
+            minimum = logits[1:].min()
+            for j in artifacts:  # Eq. 6
+                logits[j] = minimum
+            weights = torch.softmax(logits, dim=0)
+            head_outputs.append(sum(weights[j] * v[b, j, sl] for j in range(T)))
+        attended = torch.cat(head_outputs) @ block.attn.proj.weight.T + block.attn.proj.bias
+        cls = x[b, 0] + block.ls1(attended)
+        cls = cls + block.ls2(block.mlp(block.norm2(cls)))
+        features.append(model.norm(cls))
+    return norms, torch.stack(features)
+
+
+@pytest.mark.parametrize("registers", [0, 4])
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_artifact_reproduces_the_unmodified_model(registers, fused):
+    model, batch = tiny_vit(registers), images()
+    set_fused(model, fused)
+    plain = model.forward_features(batch)[:, 0]
+    for theta, rule in [(-1.0, "below"), (1e9, "above"), (-1.0, "minority"), (1e9, "minority")]:
+        torch.testing.assert_close(cls_features(model, batch, theta, rule), plain, atol=1e-5, rtol=0)
+    torch.testing.assert_close(cls_features(model, batch, None), plain, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("registers,layer_scale", [(0, 0.5), (4, 0.5), (2, None)])
+@pytest.mark.parametrize("rule", ["minority", "below", "above"])
+def test_matches_the_explicit_final_block(registers, layer_scale, rule):
+    model, batch = tiny_vit(registers, layer_scale), images()
+    with torch.no_grad():
+        x = final_block_input(model, batch)
+        norms = query_norms(model, batch)
+        for quantile in (0.1, 0.5, 0.8):
+            theta = float(norms[:, 1:].quantile(quantile))
+            ref_norms, ref_features = explicit_final_block(model, x, theta, rule)
+            torch.testing.assert_close(norms, ref_norms, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(cls_features(model, batch, theta, rule), ref_features, atol=1e-4, rtol=1e-4)
+
+
+def test_attenuation_changes_the_features():
+    model, batch = tiny_vit(), images()
+    theta = float(query_norms(model, batch)[:, 1:].median())
+    assert (cls_features(model, batch, theta, "below") - cls_features(model, batch)).abs().max() > 1e-3
+
+
+def test_split_rules_ties_and_empty_groups():
+    # Column 0 is CLS and never an artifact, whatever its norm.
+    norms = torch.tensor(
+        [
+            [0.0, 1.0, 5.0, 5.0, 5.0],  # L_a = {1}: the minority
+            [9.0, 1.0, 1.0, 5.0, 5.0],  # tie 2-2: L_a wins
+            [0.0, 5.0, 5.0, 5.0, 1.0],  # L_a = {4}
+            [0.0, 5.0, 5.0, 5.0, 5.0],  # L_a empty: no artifacts
+            [0.0, 1.0, 1.0, 1.0, 1.0],  # L_b empty: no artifacts
+            [0.0, 1.0, 1.0, 1.0, 5.0],  # L_b = {4}: the minority is above θ
+        ]
+    )
+    minority = split_artifacts(norms, 2.0, "minority")
+    assert minority.tolist() == [
+        [False, True, False, False, False],
+        [False, True, True, False, False],
+        [False, False, False, False, True],
+        [False] * 5,
+        [False] * 5,
+        [False, False, False, False, True],
+    ]
+    assert split_artifacts(norms, 2.0, "below")[:, 1:].tolist() == (norms[:, 1:] <= 2.0).tolist()
+    assert split_artifacts(norms, 2.0, "above")[:, 1:].tolist() == (norms[:, 1:] > 2.0).tolist()
+    assert not split_artifacts(norms, 100.0, "below")[:, 0].any()
+
+
+def test_registers_can_be_artifacts():
+    model, batch = tiny_vit(registers=4), images()
+    norms = query_norms(model, batch)
+    theta = float(norms[:, 1:5].max()) + 1e-4  # every register is in L_a
+    mask = split_artifacts(norms, theta, "below")
+    assert mask[:, 1:5].all()
+    with torch.no_grad():
+        _, reference = explicit_final_block(model, final_block_input(model, batch), theta, "below")
+    torch.testing.assert_close(cls_features(model, batch, theta, "below"), reference, atol=1e-4, rtol=1e-4)
+
+
+def test_attenuate_logits_uses_the_row_minimum_without_cls():
+    logits = torch.tensor([[[[-9.0, 3.0, 1.0, 2.0]]]])  # CLS column is the smallest: it must not count
+    mask = torch.tensor([[False, True, False, False]])
+    assert attenuate_logits(logits, mask).tolist() == [[[[-9.0, 1.0, 1.0, 2.0]]]]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_all_rows_variant_and_patched_block(fused):
+    model, batch = tiny_vit(registers=4), images()
+    set_fused(model, fused)
+    block = model.blocks[-1]
+    with torch.no_grad():
+        block.attn.qkv.weight.mul_(4)  # peaky attention, so that attenuation visibly moves every row
+        x = final_block_input(model, batch)
+        torch.testing.assert_close(final_block_tokens(block, x), block(x), atol=1e-5, rtol=0)
+        norms = query_norms(model, batch)
+        mask = split_artifacts(norms, float(norms[:, 1:].median()), "minority")
+        cls_only = final_block_tokens(block, x, mask, rows="cls")
+        all_rows = final_block_tokens(block, x, mask, rows="all")
+        # Row 0 is the same under Eq. 5 and Eq. 6; the other rows change only under Eq. 5.
+        torch.testing.assert_close(all_rows[:, 0], cls_only[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(cls_only[:, 1:], block(x)[:, 1:], atol=1e-5, rtol=0)
+        assert (all_rows[:, 1:] - block(x)[:, 1:]).abs().max() > 1e-3  # float noise is ~1e-7
+        features = model.norm(cls_only)[:, 0]
+        theta = float(norms[:, 1:].median())
+        torch.testing.assert_close(features, cls_features(model, batch, theta, "minority"), atol=1e-5, rtol=0)
+
+
+def test_boundary_validation():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="rule must be one of"):
+        cls_features(model, images(), 1.0, "middle")
+    with pytest.raises(ValueError, match=r"\[B, 3, H, W\]"):
+        cls_features(model, torch.zeros(3, 28, 28))
+    with pytest.raises(TypeError, match="timm VisionTransformer"):
+        query_norms(torch.nn.Linear(2, 2), images())
+    with pytest.raises(ValueError, match="eval mode"):
+        cls_features(model.train(), images(), 1.0)

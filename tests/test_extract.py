@@ -1,0 +1,159 @@
+"""Extraction and its final-block cache: a new θ must equal a full forward pass, without the backbone."""
+import numpy as np
+import pytest
+import timm
+import torch
+from PIL import Image
+
+from itae import cls_features, extract as extract_module, query_norms
+from itae.backbones import Backbone, BackboneSpec, make_preprocess
+from itae.data import UnreadableImage
+from itae.extract import Extraction, StaleCacheError, extract, extract_cached
+
+SPEC = BackboneSpec("tiny", "vit_tiny_test", "tiny test ViT", num_registers=2, default_theta=None, img_size=28)
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    torch.manual_seed(seed)
+    model = timm.models.VisionTransformer(
+        img_size=28, patch_size=7, embed_dim=32, depth=2, num_heads=4, reg_tokens=2, init_values=0.5, num_classes=0
+    ).eval()
+    model.blocks[-1].attn.qkv.weight.data.mul_(3)  # peakier attention, so that θ visibly matters
+    return Backbone(SPEC, model, make_preprocess(model, 28), f"random-{seed}", SPEC.label, torch.device("cpu"))
+
+
+class ListDataset:
+    """The ImageDataset interface over in-memory images; ``broken`` indices fail to decode."""
+
+    def __init__(self, n: int = 10, broken=(), seed: int = 0):
+        rng = np.random.default_rng(seed)
+        self.images = [rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8) for i in range(n)]
+        self.broken = set(broken)
+        self.labels = np.arange(n) % 3
+        self.class_names = ["a", "b", "c"]
+        self.names = [f"img{i}.png" for i in range(n)]
+        self.skipped = []
+        self.fingerprint = f"list-{n}-{seed}-{sorted(self.broken)}"
+        self.description = f"{n} random images"
+
+    def __len__(self):
+        return len(self.images)
+
+    def load(self, index):
+        if index in self.broken:
+            raise UnreadableImage(f"{self.names[index]}: truncated file")
+        return Image.fromarray(self.images[index])
+
+
+def batch_of(backbone, dataset, indices):
+    return torch.stack([backbone.preprocess(dataset.load(int(i))) for i in indices])
+
+
+def test_extraction_matches_the_model_and_the_cache_matches_a_full_forward_pass():
+    backbone, dataset = tiny_backbone(), ListDataset(10)
+    calls = []
+    extraction = extract(backbone, dataset, batch_size=4, progress=lambda done, total: calls.append((done, total)))
+    assert calls[-1] == (10, 10) and len(extraction) == 10
+    x = batch_of(backbone, dataset, range(10))
+    model = backbone.model
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(extraction.features_original), model.forward_features(x)[:, 0], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.from_numpy(extraction.query_norms), query_norms(model, x), atol=1e-5, rtol=0)
+        output = model.forward_features(x)
+        torch.testing.assert_close(torch.from_numpy(extraction.output_norms), output.norm(dim=-1), atol=1e-4, rtol=0)
+    assert np.allclose(extraction.attention_original.sum(-1), 1.0, atol=1e-5)
+    thetas = np.quantile(extraction.query_norms[:, 1:], [0.2, 0.5, 0.9])
+    for theta in thetas:
+        for rule in ("minority", "below", "above"):
+            result = extraction.itae(theta, rule, batch_size=3)
+            full = cls_features(model, x, float(theta), rule)
+            torch.testing.assert_close(torch.from_numpy(result.features), full, atol=1e-5, rtol=0)
+            assert result.artifact_mask.shape == extraction.query_norms.shape and not result.artifact_mask[:, 0].any()
+    below = extraction.itae(thetas[1], "below")
+    assert np.abs(below.features - extraction.features_original).max() > 1e-3
+    # Eq. 6: every artifact gets the row's smallest non-CLS logit, hence the row's smallest attention.
+    row_min = below.attention[:, :, 1:].min(axis=-1, keepdims=True)
+    artifacts = np.broadcast_to(below.artifact_mask[:, None, :], below.attention.shape)
+    assert artifacts.any()
+    np.testing.assert_allclose(below.attention[artifacts], np.broadcast_to(row_min, below.attention.shape)[artifacts], rtol=1e-5)
+
+
+def test_a_new_theta_never_runs_the_backbone(monkeypatch):
+    backbone, dataset = tiny_backbone(), ListDataset(6)
+    extraction = extract(backbone, dataset, batch_size=4)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backbone ran")
+
+    monkeypatch.setattr(backbone.model, "forward_features", forbidden)
+    monkeypatch.setattr(backbone.model.blocks[0], "forward", forbidden)
+    monkeypatch.setattr(backbone.model.patch_embed, "forward", forbidden)
+    extraction.itae(float(np.median(extraction.query_norms[:, 1:])), "minority")
+
+
+def test_undecodable_images_are_skipped_and_reported():
+    backbone, dataset = tiny_backbone(), ListDataset(7, broken={2, 5})
+    extraction = extract(backbone, dataset, batch_size=3)
+    assert list(extraction.indices) == [0, 1, 3, 4, 6]
+    assert extraction.names == ["img0.png", "img1.png", "img3.png", "img4.png", "img6.png"]
+    assert list(extraction.labels) == [0, 1, 0, 1, 0]
+    assert [s.name for s in extraction.skipped] == ["img2.png", "img5.png"]
+    assert "truncated" in extraction.skipped[0].reason
+    with pytest.raises(ValueError, match="none of the 2 images could be decoded"):
+        extract(backbone, ListDataset(2, broken={0, 1}))
+
+
+def test_save_load_roundtrip_and_stale_keys(tmp_path):
+    backbone, dataset = tiny_backbone(), ListDataset(5)
+    extraction = extract(backbone, dataset)
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    itae_result = extraction.itae(theta)
+    path = extraction.save(tmp_path / "features.npz", itae=itae_result)
+    with np.load(path) as file:
+        assert file["features_itae"].shape == file["features_original"].shape == (5, 32)
+        assert file["labels"].tolist() == dataset.labels.tolist()
+    loaded = Extraction.load(path, backbone, dataset.fingerprint)
+    assert loaded.meta["theta"] == theta and loaded.names == extraction.names
+    np.testing.assert_array_equal(loaded.itae(theta).features, itae_result.features)
+    with pytest.raises(StaleCacheError):
+        Extraction.load(path, backbone, ListDataset(5, seed=1).fingerprint)
+    with pytest.raises(StaleCacheError):  # same data, other weights
+        Extraction.load(path, tiny_backbone(seed=1), dataset.fingerprint)
+    with pytest.raises(StaleCacheError):
+        Extraction.load(path).attach(tiny_backbone(seed=1))
+    with pytest.raises(RuntimeError, match="attach"):
+        Extraction.load(path).itae(theta)
+
+
+def test_extract_cached_reuses_the_file(tmp_path, monkeypatch):
+    backbone, dataset = tiny_backbone(), ListDataset(4)
+    first = extract_cached(backbone, dataset, tmp_path)
+    monkeypatch.setattr(extract_module, "extract", lambda *a, **k: pytest.fail("extracted twice"))
+    second = extract_cached(backbone, dataset, tmp_path)
+    np.testing.assert_array_equal(first.features_original, second.features_original)
+    monkeypatch.undo()
+    other = extract_cached(backbone, ListDataset(4, seed=3), tmp_path)
+    assert other.meta["key"] != first.meta["key"]
+    assert len(list((tmp_path / "features").glob("*.npz"))) == 2
+
+
+def test_large_value_caches_spill_to_disk(tmp_path, monkeypatch):
+    monkeypatch.setattr(extract_module, "SPILL_BYTES", 1024)
+    backbone, dataset = tiny_backbone(), ListDataset(6)
+    extraction = extract(backbone, dataset, spill_dir=tmp_path)
+    assert isinstance(extraction.cache.values.base, np.memmap) or isinstance(extraction.cache.values, np.memmap)
+    x = batch_of(backbone, dataset, range(6))
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    torch.testing.assert_close(
+        torch.from_numpy(extraction.itae(theta).features), cls_features(backbone.model, x, theta), atol=1e-5, rtol=0
+    )
+
+
+def test_bad_arguments():
+    backbone = tiny_backbone()
+    with pytest.raises(ValueError, match="batch_size"):
+        extract(backbone, ListDataset(2), batch_size=0)
+    with pytest.raises(ValueError, match="no images"):
+        extract(backbone, ListDataset(0))
+    with pytest.raises(ValueError, match="rule must be one of"):
+        extract(backbone, ListDataset(2)).itae(1.0, "sideways")
