@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PORT ?= 8501
 
-.PHONY: setup app test bench browser
+.PHONY: setup app test bench system-packages
 
 $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +19,17 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
-# Debian's Chromium for the browser test (Playwright drives it; it never downloads a browser of its own).
-browser:
-	@command -v chromium >/dev/null || { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; }
+# Debian's Chromium for the browser test (Playwright drives it; it never downloads a browser of its own) and
+# Debian's Fashion-MNIST (the full 10,000 test images, for `--data fashion-mnist` and its test).
+system-packages:
+	@command -v chromium >/dev/null && [ -d /usr/share/datasets/fashion-mnist ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium dataset-fashion-mnist; }
 
 app: setup
 	$(BIN)/streamlit run app/main.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
-test: setup browser
+test: setup system-packages
 	$(BIN)/python -m pytest -q
 
 bench: setup

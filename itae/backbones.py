@@ -204,7 +204,7 @@ def _load_from_hub(spec: BackboneSpec, create: Callable[..., nn.Module]) -> nn.M
         cached = _cached_hub_file(get_pretrained_cfg(spec.timm_id).hf_hub_id)
         if cached is None:
             raise BackboneError(f"the model hub is unreachable and {spec.name} is not in the local cache: {_hub_hint(spec)}")
-        return _load_from_file(spec, create(pretrained=False), cached)
+        return _load_from_file(spec, create(pretrained=False, init=False), cached)
     try:
         return create(pretrained=True)
     except Exception as error:  # timm/huggingface_hub raise many types for a failed download
@@ -254,8 +254,10 @@ def load_backbone(
     spec = get_spec(name)
     target = resolve_device(device)
 
-    def create(pretrained: bool) -> nn.Module:
-        return timm.create_model(spec.timm_id, pretrained=pretrained, img_size=spec.img_size)
+    def create(pretrained: bool, init: bool = True) -> nn.Module:
+        # A file overwrites every weight: skipping timm's random init saves seconds on the big models.
+        extra = {} if init else {"weight_init": "skip"}
+        return timm.create_model(spec.timm_id, pretrained=pretrained, img_size=spec.img_size, **extra)
 
     label = spec.label
     if weights is None or weights == "hub":
@@ -270,8 +272,8 @@ def load_backbone(
             path = demo_weights_file()
         except CheckpointError as error:
             raise BackboneError(str(error)) from error
-        model, source, label = _load_from_file(spec, create(pretrained=False), path), "demo", DEMO_LABEL
+        model, source, label = _load_from_file(spec, create(pretrained=False, init=False), path), "demo", DEMO_LABEL
     else:
-        model, source = _load_from_file(spec, create(pretrained=False), weights), str(weights)
+        model, source = _load_from_file(spec, create(pretrained=False, init=False), weights), str(weights)
     model = model.eval().to(target)
     return Backbone(spec, model, make_preprocess(model, spec.img_size), source, label, target)
