@@ -50,8 +50,11 @@ from dataclasses import dataclass, field
 from numbers import Integral, Real
 
 import numpy as np
+import torch
 from scipy.ndimage import gaussian_filter1d
 from sklearn.mixture import GaussianMixture
+
+from itae.engine import split_artifacts
 
 __all__ = [
     "BimodalityVerdict",
@@ -363,33 +366,6 @@ def parse_theta_range(text: str) -> np.ndarray:
     return np.round(start + step * np.arange(n_steps + 1), 10)
 
 
-def _artifact_mask(norms: np.ndarray, theta: float, rule: str) -> np.ndarray:
-    """Select the artifacts among the non-CLS tokens at threshold θ.
-
-    Mirrors the paper's Eq. 2-3 as ``itae.engine.split_artifacts`` applies them, in NumPy so that
-    this module needs no torch: ``L_a`` is the tokens with ``n <= theta``, ``L_b`` the rest. Rule "below" selects ``L_a`` (the θ-sweep of
-    Sec. 5.2), "above" selects ``L_b``, and "minority" selects the smaller of the two per image
-    (Eq. 3), ``L_a`` on a tie and nothing when either group is empty.
-
-    Parameters
-    ----------
-    norms : ndarray of shape (n_images, n_candidates)
-        Query norms of the non-CLS tokens (registers and patches).
-
-    Returns
-    -------
-    ndarray of bool, shape (n_images, n_candidates)
-    """
-    below = norms <= theta
-    if rule == "below":
-        return below
-    if rule == "above":
-        return ~below
-    n_below = below.sum(axis=1, keepdims=True)
-    # The smaller group is the empty one when either is empty, so no split means no artifacts.
-    return np.where(n_below <= norms.shape[1] - n_below, below, ~below)
-
-
 @dataclass
 class SweepResult:
     """Scores and artifact counts over a θ grid, as in the paper's Fig. 5.
@@ -566,7 +542,8 @@ def _validated_thetas(thetas) -> np.ndarray:
 
 
 def _artifact_counts(candidates: np.ndarray, theta: float, rule: str, n_registers: int) -> dict:
-    mask = _artifact_mask(candidates, theta, rule)
+    with_cls = torch.from_numpy(np.pad(candidates, ((0, 0), (1, 0))))  # split_artifacts expects CLS in column 0
+    mask = split_artifacts(with_cls, theta, rule)[:, 1:].numpy()
     row = {
         "theta": theta,
         "artifact_fraction": float(mask.mean()),

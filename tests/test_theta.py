@@ -10,7 +10,6 @@ from scipy.stats import norm
 from itae.theta import (
     BimodalityVerdict,
     SweepResult,
-    _artifact_mask,
     parse_theta_range,
     suggest_theta,
     theta_sweep,
@@ -172,33 +171,6 @@ def test_bad_norms_raise(bad):
 def test_bad_max_samples_raises():
     with pytest.raises(ValueError, match="max_samples"):
         suggest_theta([1.0, 2.0, 3.0], max_samples=0)
-
-
-# --- the artifact rule (mirrors Eq. 2-3, as itae.engine.split_artifacts should) ---------------
-
-
-def test_artifact_mask_rules():
-    norms = np.array([
-        [1.0, 5.0, 5.0, 5.0],  # one low token: the minority is below θ
-        [1.0, 1.0, 1.0, 5.0],  # one high token: the minority is above θ
-        [1.0, 1.0, 5.0, 5.0],  # a tie: Eq. 3's argmin picks L_a, the tokens at or below θ
-        [5.0, 5.0, 5.0, 5.0],  # nothing at or below θ: no split, no artifacts
-        [3.0, 3.0, 3.0, 3.0],  # everything at θ exactly: n <= θ, so L_b is empty
-    ])
-    below = norms <= 3.0
-
-    np.testing.assert_array_equal(_artifact_mask(norms, 3.0, "below"), below)
-    np.testing.assert_array_equal(_artifact_mask(norms, 3.0, "above"), ~below)
-    np.testing.assert_array_equal(
-        _artifact_mask(norms, 3.0, "minority"),
-        [
-            [True, False, False, False],
-            [False, False, False, True],
-            [True, True, False, False],
-            [False, False, False, False],
-            [False, False, False, False],
-        ],
-    )
 
 
 # --- the sweep ---------------------------------------------------------------------------------
