@@ -263,7 +263,10 @@ def load_backbone(
     if weights is None or weights == "hub":
         model, source = _load_from_hub(spec, create), "hub"
     elif weights == "random":
-        model, source, label = create(pretrained=False), "random", f"{spec.label} (random weights)"
+        # Seeded, so that "random" names one model and features cached under that name stay valid.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model, source, label = create(pretrained=False), "random", f"{spec.label} (random weights)"
     elif weights == "demo":
         if not spec.demo_weights:
             demos = [s.name for s in REGISTRY.values() if s.demo_weights]

@@ -99,7 +99,7 @@ class Extraction:
     labels : ndarray of int64, shape (N,), or None
     names : list of N str
     indices : ndarray of shape (N,), the dataset index of each row (skipped images have none)
-    cache : FinalBlockCache
+    cache : FinalBlockCache, or None when loaded from a file saved without it
     skipped : images that could not be decoded
     """
 
@@ -111,7 +111,7 @@ class Extraction:
     labels: np.ndarray | None
     names: list[str]
     indices: np.ndarray
-    cache: FinalBlockCache
+    cache: FinalBlockCache | None
     skipped: list[SkippedImage] = field(default_factory=list)
     _backbone: Backbone | None = field(default=None, repr=False)
 
@@ -135,6 +135,8 @@ class Extraction:
     @torch.inference_mode()
     def itae(self, theta: float, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
         """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6)."""
+        if self.cache is None:
+            raise RuntimeError("this extraction was saved without its final-block cache: extract again for a new θ")
         if self._backbone is None:
             raise RuntimeError("a loaded Extraction needs .attach(backbone) before .itae(): the final block lives there")
         backbone = self._backbone
@@ -151,8 +153,12 @@ class Extraction:
                 masks.append(mask.cpu().numpy())
         return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), np.concatenate(masks))
 
-    def save(self, path: str | Path, itae: ItaeResult | None = None) -> Path:
-        """Write everything to one ``.npz``, optionally with the ITAE features at one θ (``features_itae``)."""
+    def save(self, path: str | Path, itae: ItaeResult | None = None, include_cache: bool = True) -> Path:
+        """Write everything to one ``.npz``, optionally with the ITAE features at one θ (``features_itae``).
+
+        The final-block cache is most of the file (about 0.4 MB per ViT-S/14 image); without it the file
+        holds features, norms and attention only, and a loaded copy cannot recompute a new θ.
+        """
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
@@ -162,12 +168,14 @@ class Extraction:
             "attention_original": self.attention_original,
             "indices": self.indices,
             "names": np.array(self.names, dtype=str),
-            "cache_cls_input": self.cache.cls_input,
-            "cache_cls_logits": self.cache.cls_logits,
-            "cache_values": self.cache.values,
             "skipped": np.array([[s.name, s.reason] for s in self.skipped], dtype=str).reshape(-1, 2),
         }
-        meta = dict(self.meta, values_dtype=self.cache.values_dtype)
+        meta = dict(self.meta)
+        if include_cache and self.cache is not None:
+            arrays.update(
+                cache_cls_input=self.cache.cls_input, cache_cls_logits=self.cache.cls_logits, cache_values=self.cache.values
+            )
+            meta["values_dtype"] = self.cache.values_dtype
         if self.labels is not None:
             arrays["labels"] = self.labels
         if itae is not None:
@@ -200,7 +208,11 @@ class Extraction:
             labels=arrays.get("labels"),
             names=arrays["names"].tolist(),
             indices=arrays["indices"],
-            cache=FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["values_dtype"]),
+            cache=(
+                FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["values_dtype"])
+                if "cache_values" in arrays
+                else None
+            ),
             skipped=[SkippedImage(name, reason) for name, reason in arrays["skipped"].tolist()],
         )
         if backbone is not None:

