@@ -1,0 +1,178 @@
+"""Data & model: pick the images and the backbone, extract once, and see what was loaded."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+import torch
+
+import state
+from itae.backbones import REGISTRY
+from itae.data import SOURCES
+
+OTHER_SOURCES = {"path": "A folder or .zip on this server", "upload": "Upload images or one .zip"}
+BUILT_IN_NEEDING_ROOT = ("fashion-mnist", "cifar10", "cifar100", "stl10", "tiny-imagenet")
+WEIGHTS = {"demo": "offline demo", "hub": "download from the hub", "file": "local checkpoint file", "random": "random (no training)"}
+THUMBNAILS = 30
+THUMBNAIL_SIDE = 96
+
+
+def device_options() -> list[str]:
+    options = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        options.append("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        options.append("mps")
+    return options
+
+
+def bind(key: str, value) -> None:
+    """Start a widget at the applied selection's value; the user's edits then persist until applied."""
+    st.session_state.setdefault(key, value)
+
+
+def source_widgets(current: state.Selection) -> dict:
+    labels = {**SOURCES, **OTHER_SOURCES}
+    bind("data_source", current.source)
+    source = st.selectbox("Source", list(labels), format_func=lambda k: f"{k} — {labels[k]}", key="data_source")
+    choice = {"source": source}
+    if source in BUILT_IN_NEEDING_ROOT:
+        bind("data_root", current.root)
+        bind("data_download", current.download)
+        choice["root"] = st.text_input("Root folder (empty: the default)", key="data_root", help="Where the dataset lives or is downloaded to.")
+        choice["download"] = st.checkbox("Download if missing (needs a network)", key="data_download")
+    if source == "path":
+        bind("data_path", current.path)
+        bind("data_labels_csv", current.labels_csv)
+        choice["path"] = st.text_input("Folder or .zip on the server", key="data_path", help="One subfolder per class, or flat with a labels CSV.")
+        choice["labels_csv"] = st.text_input("Labels CSV on the server (optional: filename,label rows)", key="data_labels_csv")
+    if source == "upload":
+        st.file_uploader("Images, or one .zip of images", accept_multiple_files=True, key="data_files")
+        st.file_uploader("Labels CSV (optional: filename,label rows)", type=["csv"], key="data_labels_file")
+    if source not in ("demo", "demo-photos", "upload"):
+        bind("data_split", current.split)
+        choice["split"] = st.radio("Split", ["test", "train"], key="data_split", horizontal=True)
+    bind("data_limit", current.limit)
+    bind("data_seed", current.seed)
+    left, right = st.columns(2)
+    choice["limit"] = int(left.number_input("Subset size (class-balanced)", min_value=1, max_value=100_000, step=50, key="data_limit"))
+    choice["seed"] = int(right.number_input("Subset seed", min_value=0, step=1, key="data_seed"))
+    return choice
+
+
+def model_widgets(current: state.Selection) -> dict:
+    bind("model_name", current.model)
+    model = st.selectbox("Model", list(REGISTRY), format_func=lambda name: f"{name} — {REGISTRY[name].label}", key="model_name")
+    options = [w for w in WEIGHTS if w != "demo" or REGISTRY[model].demo_weights]
+    applied = current.weights if current.weights in WEIGHTS else "file"
+    bind("model_weights", applied if applied in options else "hub")
+    if st.session_state.model_weights not in options:
+        st.session_state.model_weights = "hub"
+    weights = st.radio("Weights", options, format_func=WEIGHTS.get, key="model_weights", horizontal=True)
+    if weights == "file":
+        bind("model_weights_path", "" if current.weights in WEIGHTS else current.weights)
+        weights = st.text_input("Checkpoint file (official DINOv2 .pth, timm or Hugging Face layout)", key="model_weights_path").strip()
+    bind("model_device", current.device if current.device in device_options() else "auto")
+    bind("model_batch", current.batch_size)
+    left, right = st.columns(2)
+    device = left.selectbox("Device", device_options(), key="model_device")
+    batch_size = int(right.number_input("Batch size", min_value=1, max_value=1024, key="model_batch"))
+    return {"model": model, "weights": weights, "device": device, "batch_size": batch_size}
+
+
+def uploaded_files() -> tuple[list[tuple[str, bytes]], bytes | None]:
+    files = [(f.name, f.getvalue()) for f in st.session_state.get("data_files") or []]
+    labels = st.session_state.get("data_labels_file")
+    return files, labels.getvalue() if labels is not None else None
+
+
+def apply(current: state.Selection, choice: dict) -> None:
+    """Turn the widgets into a selection and extract it; a bad choice leaves the current one in place."""
+    if choice["source"] == "path" and not choice.get("path"):
+        st.warning("Type the folder or .zip path first.")
+        return
+    if not choice["weights"]:
+        st.warning("Type the checkpoint file path first.")
+        return
+    if choice["source"] == "upload":
+        files, labels = uploaded_files()
+        try:
+            choice["upload_id"] = state.register_upload(files, labels)
+        except state.LIBRARY_ERRORS as error:
+            st.error(f"The upload cannot be used: {error}")
+            return
+    defaults = state.Selection()
+    selection = state.Selection(**{**{f: getattr(defaults, f) for f in ("root", "path", "labels_csv", "split", "download", "upload_id")}, **choice})
+    if state.commit_selection(selection) is not None:
+        st.success("Loaded. The other pages now use this data and model.")
+
+
+def show_counts(extraction) -> None:
+    if extraction.labels is None:
+        st.caption("No labels: clustering scores will use inertia and silhouette only.")
+        return
+    names = extraction.class_names or [str(k) for k in range(int(extraction.labels.max()) + 1)]
+    counts = np.bincount(extraction.labels, minlength=len(names))
+    figure = go.Figure(go.Bar(x=names, y=counts))
+    figure.update_layout(title="Images per class", height=300, margin=dict(l=10, r=10, t=40, b=10), yaxis_title="images")
+    st.plotly_chart(figure, key="class_counts")
+
+
+@st.cache_data(max_entries=512, show_spinner=False)
+def thumbnail(fingerprint: str, index: int, _dataset) -> np.ndarray:
+    image = _dataset.load(index)
+    image.thumbnail((THUMBNAIL_SIDE, THUMBNAIL_SIDE))
+    return np.asarray(image)
+
+
+def show_thumbnails(extraction) -> None:
+    dataset = state.current_dataset()
+    rows = range(min(THUMBNAILS, len(extraction)))
+    names = extraction.class_names
+    images, captions = [], []
+    for row in rows:
+        images.append(thumbnail(dataset.fingerprint, int(extraction.indices[row]), dataset))
+        label = names[extraction.labels[row]] if extraction.labels is not None and names else ""
+        captions.append(f"{label} · {extraction.names[row]}" if label else extraction.names[row])
+    st.image(images, caption=captions, width=THUMBNAIL_SIDE)
+
+
+def show_skipped(extraction) -> None:
+    if not extraction.skipped:
+        st.caption("No file was skipped.")
+        return
+    st.warning(f"{len(extraction.skipped)} file(s) were skipped; see why below.")
+    with st.expander("Skipped files"):
+        st.dataframe(pd.DataFrame(extraction.skipped, columns=["file", "reason"]), hide_index=True)
+
+
+def main() -> None:
+    st.title("Data & model")
+    current = state.current_selection()
+    with st.expander("Choose data and model", expanded=True):
+        data_column, model_column = st.columns(2)
+        with data_column:
+            st.subheader("Data")
+            choice = source_widgets(current)
+        with model_column:
+            st.subheader("Model")
+            choice.update(model_widgets(current))
+        if st.button("Load and extract", type="primary"):
+            apply(current, choice)
+    st.subheader("Current data")
+    extraction = state.current_extraction()
+    if extraction is None:
+        return
+    meta = extraction.meta
+    columns = st.columns(4)
+    columns[0].metric("Images", len(extraction))
+    columns[1].metric("Classes", len(extraction.class_names) if extraction.class_names else "none")
+    columns[2].metric("Skipped", len(extraction.skipped))
+    columns[3].metric("Tokens per image", extraction.query_norms.shape[1], help=f"CLS + {meta['num_registers']} registers + {meta['grid_size'][0]}×{meta['grid_size'][1]} patches")
+    st.caption(f"{meta['data']} · {meta['label']} · weights: {meta['weights']} · precision {meta['precision']} · cache key {meta['key']}")
+    show_counts(extraction)
+    st.markdown(f"**The first {min(THUMBNAILS, len(extraction))} images**")
+    show_thumbnails(extraction)
+    show_skipped(extraction)
+
+
+main()

@@ -1,0 +1,199 @@
+"""Metrics: K-Means ACC/NMI/ARI of the original vs the ITAE features, k-NN accuracy, the θ sweep (Fig. 5), downloads."""
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import state
+from itae.evaluate import cluster_protocol, knn_classify, stratified_split
+from itae.theta import parse_theta_range, theta_sweep
+
+SWEEP_POINTS = 12
+
+
+@st.cache_data(max_entries=64, show_spinner="Running K-Means…")
+def protocol(key: str, features_id: str, n_clusters: int, sets: int, runs: int, seed: int, _features, _labels) -> dict:
+    """``cluster_protocol(...).to_dict()`` of one feature set; ``key`` and ``features_id`` name it for the cache."""
+    return cluster_protocol(_features, labels=_labels, n_clusters=n_clusters, sets=sets, runs=runs, seed=seed).to_dict()
+
+
+@st.cache_data(max_entries=64, show_spinner="Running k-NN…")
+def knn(key: str, features_id: str, k: int, seed: int, _features, _labels) -> float:
+    train, test = stratified_split(_labels, test_fraction=0.5, seed=seed)
+    return knn_classify(_features[train], _labels[train], _features[test], _labels[test], k=k)
+
+
+def metric_names(result: dict) -> list[str]:
+    return [name for name in ("acc", "nmi", "ari", "inertia", "silhouette") if isinstance(result.get(name), dict)]
+
+
+def number(value: float | None) -> str:
+    """A score for the table; the spread of a single set is undefined (None)."""
+    return "—" if value is None else f"{value:.4f}"
+
+
+def results_table(original: dict, itae: dict) -> pd.DataFrame:
+    """One row per metric: mean ± SE of both feature sets and the difference of the means."""
+    rows = []
+    for name in metric_names(original):
+        a, b = original[name], itae[name]
+        rows.append({
+            "metric": name.upper(),
+            "original (mean ± SE)": f"{number(a['mean'])} ± {number(a['se'])}",
+            "ITAE (mean ± SE)": f"{number(b['mean'])} ± {number(b['se'])}",
+            "Δ mean": "—" if None in (a["mean"], b["mean"]) else f"{b['mean'] - a['mean']:+.4f}",
+            "original std": number(a["std"]),
+            "ITAE std": number(b["std"]),
+        })
+    return pd.DataFrame(rows)
+
+
+def flat_results(original: dict, itae: dict, settings: dict) -> pd.DataFrame:
+    """Long form for the CSV: one row per (feature set, metric) with mean, std and SE."""
+    rows = []
+    for features, result in (("original", original), ("itae", itae)):
+        for name in metric_names(result):
+            rows.append({"features": features, "metric": name, **{k: result[name][k] for k in ("mean", "std", "se")}, **settings})
+    return pd.DataFrame(rows)
+
+
+def sweep_figure(sweep) -> go.Figure:
+    """Fig. 5: the score against θ with SE bars, the original as a line, and the attenuated share on a second axis."""
+    frame = sweep.to_frame().sort_values("theta")
+    metric = next(m for m in ("acc", "nmi", "ari", "inertia") if f"{m}_mean" in frame)
+    figure = make_subplots(specs=[[{"secondary_y": True}]])
+    figure.add_trace(go.Scatter(
+        x=frame["theta"], y=frame[f"{metric}_mean"], error_y=dict(array=frame.get(f"{metric}_se")),
+        mode="lines+markers", name=f"ITAE ({sweep.rule})",
+    ))
+    if sweep.original and f"{metric}_mean" in sweep.original:
+        figure.add_hline(y=sweep.original[f"{metric}_mean"], line_dash="dot", annotation_text="original")
+    figure.add_trace(go.Scatter(
+        x=frame["theta"], y=100 * frame["artifact_fraction"], mode="lines", line=dict(dash="dash", color="grey"),
+        name="attenuated tokens (%)",
+    ), secondary_y=True)
+    figure.update_layout(title=f"θ sweep (Fig. 5): {metric.upper()}", height=400, margin=dict(l=10, r=10, t=40, b=10))
+    figure.update_xaxes(title_text="θ")
+    figure.update_yaxes(title_text=metric.upper(), secondary_y=False)
+    figure.update_yaxes(title_text="attenuated tokens (%)", range=[0, 100], secondary_y=True)
+    return figure
+
+
+def default_range(extraction) -> str:
+    low, high = state.theta_range(extraction)
+    step = max(round((high - low) / SWEEP_POINTS, 2), 0.01)
+    return f"{low:.2f}:{high:.2f}:{step:.2f}"
+
+
+def run_sweep(extraction, thetas, rule: str, n_clusters: int, sets: int, runs: int, seed: int):
+    """The sweep with a progress bar; each θ reads the final-block cache, never the backbone."""
+    bar = st.progress(0.0, text=f"0/{len(thetas)} θ values")
+
+    def progress(done: int, total: int) -> None:
+        bar.progress(done / total, text=f"{done}/{total} θ values")
+
+    def score(features):
+        return cluster_protocol(features, labels=extraction.labels, n_clusters=n_clusters, sets=sets, runs=runs, seed=seed).summary()
+
+    original = protocol(extraction.meta["key"], "original", n_clusters, sets, runs, seed, extraction.features_original, extraction.labels)
+    try:
+        return theta_sweep(
+            extraction.query_norms, features_at=lambda theta, rule: state.itae_result(extraction, theta, rule).features,
+            score=score, thetas=thetas, rule=rule, num_prefix_tokens=extraction.meta["num_prefix_tokens"],
+            original_score=original, progress=progress,
+        )
+    finally:
+        bar.empty()
+
+
+def png_of(sweep) -> bytes:
+    buffer = io.BytesIO()
+    sweep.plot_png(buffer)
+    return buffer.getvalue()
+
+
+def npz_of(extraction, result) -> bytes:
+    """Everything of the extraction plus the ITAE features at the current θ, as ``Extraction.save`` writes it."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = extraction.save(Path(folder) / "features.npz", itae=result, include_cache=False)
+        return path.read_bytes()
+
+
+def sweep_section(extraction, n_clusters: int, sets: int, runs: int, seed: int) -> None:
+    st.subheader("θ sweep (Fig. 5)")
+    st.caption("The paper's ablation: attenuate L_a (rule *below*) at each θ and cluster again. Uses the cached final block only.")
+    left, right = st.columns([3, 1])
+    text = left.text_input("θ values (start:stop:step, or a list a,b,c)", default_range(extraction), key="sweep_range")
+    rule = right.selectbox("Rule", ["below", "minority", "above"], key="sweep_rule")
+    if st.button("Run the sweep", key="sweep_run"):
+        try:
+            thetas = parse_theta_range(text)
+            st.session_state.sweep = (extraction.meta["key"], run_sweep(extraction, thetas, rule, n_clusters, sets, runs, seed))
+        except state.LIBRARY_ERRORS as error:
+            st.warning(f"The sweep could not run: {error}")
+    stored = st.session_state.get("sweep")
+    if not stored or stored[0] != extraction.meta["key"]:
+        return
+    sweep = stored[1]
+    st.plotly_chart(sweep_figure(sweep), key="sweep_chart")
+    frame = sweep.to_frame()
+    with st.expander("Sweep table"):
+        st.dataframe(frame, hide_index=True)
+    left, right = st.columns(2)
+    left.download_button("Sweep as CSV", frame.to_csv(index=False), "itae_sweep.csv", "text/csv", on_click="ignore")
+    right.download_button("Sweep as PNG", lambda: png_of(sweep), "itae_sweep.png", "image/png", on_click="ignore")
+
+
+def main() -> None:
+    st.title("Metrics")
+    st.caption("K-Means on the L2-normalised CLS features, the paper's protocol: `sets` repetitions of K-Means with `runs` initialisations each, mean ± standard error over the sets.")
+    extraction = state.current_extraction()
+    if extraction is None:
+        return
+    theta, rule = state.theta_controls(extraction, "metrics")
+    result = state.itae_result(extraction, theta, rule)
+    columns = st.columns(4)
+    default_k = state.default_clusters(extraction)
+    n_clusters = int(columns[0].number_input("Clusters K", 2, 10_000, default_k, key="metrics_k"))
+    sets = int(columns[1].number_input("Sets", 1, 100, 5, key="metrics_sets", help="The paper: 20"))
+    runs = int(columns[2].number_input("Runs (initialisations) per set", 1, 100, 10, key="metrics_runs", help="The paper: 25"))
+    seed = int(columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="metrics_seed"))
+    key, theta_id = extraction.meta["key"], f"itae θ={theta:.4f} {rule}"
+    try:
+        original = protocol(key, "original", n_clusters, sets, runs, seed, extraction.features_original, extraction.labels)
+        itae = protocol(key, theta_id, n_clusters, sets, runs, seed, result.features, extraction.labels)
+    except state.LIBRARY_ERRORS as error:
+        st.warning(f"K-Means cannot run on this data: {error}")
+        return
+    st.subheader("Clustering")
+    st.table(results_table(original, itae).set_index("metric"))
+    settings = {"theta": theta, "rule": rule, "n_clusters": n_clusters, "sets": sets, "runs": runs, "seed": seed, "model": extraction.meta["label"], "data": extraction.meta["data"]}
+    report = {"settings": settings, "original": original, "itae": itae}
+    if extraction.labels is not None:
+        st.subheader("k-NN accuracy")
+        k = int(st.columns(4)[0].number_input("k (neighbours)", 1, 200, 10, key="metrics_knn_k"))
+        try:
+            scores = {"original": knn(key, "original", k, seed, extraction.features_original, extraction.labels),
+                      "itae": knn(key, theta_id, k, seed, result.features, extraction.labels)}
+        except state.LIBRARY_ERRORS as error:
+            st.warning(f"k-NN cannot run on this data: {error}")
+        else:
+            left, right = st.columns(2)
+            left.metric("Original", f"{scores['original']:.4f}")
+            right.metric("ITAE", f"{scores['itae']:.4f}", f"{scores['itae'] - scores['original']:+.4f}")
+            st.caption("A stratified half of the images is the training set, the other half is classified (cosine, weighted votes).")
+            report["knn"] = {"k": k, **scores}
+    st.subheader("Downloads")
+    columns = st.columns(3)
+    columns[0].download_button("Results as CSV", flat_results(original, itae, settings).to_csv(index=False), "itae_results.csv", "text/csv", on_click="ignore")
+    columns[1].download_button("Results as JSON", json.dumps(report, indent=2, default=float), "itae_results.json", "application/json", on_click="ignore")
+    columns[2].download_button("Features as .npz", lambda: npz_of(extraction, result), "itae_features.npz", "application/octet-stream", on_click="ignore")
+    sweep_section(extraction, n_clusters, sets, runs, seed)
+
+
+main()

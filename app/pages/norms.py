@@ -1,0 +1,132 @@
+"""Norms & θ: the paper's Fig. 2 (query and output norms) and Fig. 3 (CLS attention of artifacts vs normal tokens)."""
+import numpy as np
+import pandas as pd
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+import state
+
+BINS = 80
+FRAGMENT = "norms-theta"
+NO_ARTIFACT_ADVICE = (
+    "**ITAE has nothing to remove in this model.** Its final-layer query norms form one group, with no separate "
+    "artifact tokens (the paper, too, left DINOv2 ViT-S/14 without registers unmodified), so the θ below starts "
+    "under every norm and selects nothing. Moving θ still shows what attenuating would do, but the tokens it "
+    "picks are normal ones. To see artifacts, pick a DINOv2 ViT-B/14, ViT-L/14 or ViT-g/14 (`dinov2_vitb14`, "
+    "`dinov2_vitl14`, `dinov2_vitg14`) or a model with registers (`dinov2_vits14_reg`, …) with hub weights on a "
+    "networked machine, on the **Data & model** page."
+)
+
+
+def bars(values: np.ndarray, edges: np.ndarray, name: str, color: str, share: bool = False) -> go.Bar:
+    """One histogram as bars over fixed ``edges``; ``share`` draws each bin's fraction of ``values``."""
+    counts, _ = np.histogram(values, bins=edges)
+    heights = counts / max(values.size, 1) if share else counts
+    return go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=heights, width=np.diff(edges), name=name, marker_color=color, opacity=0.7)
+
+
+def split_tokens(norms: np.ndarray, num_prefix_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """(patch values, register values) of an (N, T) array; the CLS column is left out."""
+    return norms[:, num_prefix_tokens:].ravel(), norms[:, 1:num_prefix_tokens].ravel()
+
+
+def norms_figure(extraction, theta: float, log_y: bool) -> go.Figure:
+    """Fig. 2: query norms (Eq. 4) with θ, and output token norms; registers as their own trace."""
+    prefix = extraction.meta["num_prefix_tokens"]
+    figure = make_subplots(rows=1, cols=2, subplot_titles=("Final-layer query norms (Eq. 4)", "Output token norms"))
+    for col, norms in ((1, extraction.query_norms), (2, extraction.output_norms)):
+        patches, registers = split_tokens(norms, prefix)
+        edges = np.histogram_bin_edges(norms[:, 1:], bins=BINS)
+        figure.add_trace(bars(patches, edges, "patch tokens", "#1f77b4"), row=1, col=col)
+        if registers.size:
+            figure.add_trace(bars(registers, edges, "register tokens", "#ff7f0e"), row=1, col=col)
+    figure.add_vline(x=theta, line_dash="dash", line_color="red", annotation_text=f"θ = {theta:.2f}", row=1, col=1)
+    figure.update_traces(showlegend=False, selector=dict(xaxis="x2"))
+    figure.update_layout(barmode="overlay", height=380, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.2))
+    figure.update_yaxes(type="log" if log_y else "linear", title_text="tokens")
+    figure.update_xaxes(title_text="L2 norm")
+    return figure
+
+
+def attention_figure(extraction, mask: np.ndarray, itae_attention: np.ndarray, log_y: bool) -> go.Figure:
+    """Fig. 3: CLS attention (every head) of the artifacts vs the normal tokens, and of the artifacts after ITAE."""
+    before = extraction.attention_original[:, :, 1:]
+    after = itae_attention[:, :, 1:]
+    artifacts = np.broadcast_to(mask[:, None, 1:], before.shape)
+    groups = [
+        ("normal tokens", before[~artifacts], "#1f77b4"),
+        ("artifacts", before[artifacts], "#e6b400"),
+        ("artifacts after ITAE", after[artifacts], "#2ca02c"),
+    ]
+    logs = [(name, np.log10(np.maximum(values, 1e-12)), color) for name, values, color in groups]
+    edges = np.histogram_bin_edges(np.concatenate([v for _, v, _ in logs]), bins=BINS)
+    figure = go.Figure([bars(values, edges, name, color, share=True) for name, values, color in logs if values.size])
+    figure.update_layout(
+        barmode="overlay", height=340, margin=dict(l=10, r=10, t=40, b=10),
+        title="CLS attention per head (Fig. 3), each group as a share of its tokens",
+        xaxis_title="log₁₀ attention of the CLS token to the token", yaxis_title="share of the group",
+        legend=dict(orientation="h", y=-0.25),
+    )
+    figure.update_yaxes(type="log" if log_y else "linear")
+    return figure
+
+
+def show_counts(extraction, theta: float, rule: str, mask: np.ndarray) -> None:
+    candidates = extraction.query_norms[:, 1:]
+    below = int((candidates <= theta).sum())
+    above = candidates.size - below
+    per_image = mask.sum(axis=1)
+    columns = st.columns(4)
+    columns[0].metric("Tokens ≤ θ (L_a)", f"{below:,}", f"{below / candidates.size:.1%} of non-CLS tokens", delta_color="off", delta_arrow="off")
+    columns[1].metric("Tokens > θ (L_b)", f"{above:,}", f"{above / candidates.size:.1%}", delta_color="off", delta_arrow="off")
+    columns[2].metric("Artifacts per image", f"{per_image.mean():.2f}", f"min {per_image.min()}, max {per_image.max()}", delta_color="off", delta_arrow="off")
+    columns[3].metric("Images with artifacts", f"{int((per_image > 0).sum())} / {len(per_image)}")
+    st.markdown(f"**{int(per_image.sum()):,} artifact tokens** at θ = {theta:.2f} under the *{rule}* rule ({per_image.mean():.2f} per image).")
+
+
+@st.fragment(key=FRAGMENT)
+def theta_area(extraction) -> None:
+    """The θ slider, Fig. 2 and Fig. 3: a θ change reruns only this part and the sidebar."""
+    theta, rule = state.theta_controls(extraction, "norms", rerun=[FRAGMENT, state.SIDEBAR_FRAGMENT])
+    log_y = st.toggle("Logarithmic y axis", key="norms_log_y")
+    mask = extraction.artifact_mask(theta, rule)
+    show_counts(extraction, theta, rule, mask)
+    st.plotly_chart(norms_figure(extraction, theta, log_y), key="norms_histograms")
+    if mask.any():
+        result = state.itae_result(extraction, theta, rule)
+        st.plotly_chart(attention_figure(extraction, mask, result.attention, log_y), key="norms_attention")
+    else:
+        st.info("No token is an artifact at this θ and rule, so ITAE leaves every feature unchanged (Fig. 3 needs artifacts).")
+
+
+def show_verdict(extraction) -> None:
+    found = state.verdict(extraction)
+    if found.bimodal:
+        st.success(
+            f"{found.message} Suggested θ = {found.theta:.2f}: the {found.minority_side} side holds "
+            f"{found.minority_fraction:.1%} of the tokens."
+        )
+        st.button(f"Apply the suggested θ = {found.theta:.2f} (minority rule)", on_click=state.set_theta, args=(found.theta, "minority"))
+    else:
+        st.warning(NO_ARTIFACT_ADVICE)
+    with st.expander("Details of the bimodality test"):
+        st.write(found.message)
+        details = {key: value for key, value in found.to_dict().items() if key != "message"}
+        st.dataframe(pd.DataFrame({"value": [str(v) for v in details.values()]}, index=list(details)))
+
+
+def main() -> None:
+    st.title("Norms & θ")
+    st.caption(
+        "The paper's Fig. 2 and Fig. 3. Artifacts are the tokens whose final-layer query norm sits apart from the "
+        "others; θ splits the non-CLS tokens and the rule says which side is attenuated."
+    )
+    extraction = state.current_extraction()
+    if extraction is None:
+        return
+    show_verdict(extraction)
+    theta_area(extraction)
+
+
+main()
