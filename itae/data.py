@@ -785,6 +785,9 @@ def _open_zip_data(source, where, title, identity, labels_csv, split):
                                                         "(absolute, or with '..')"))
         else:
             safe.append(info.filename)
+    if escaping and not safe:
+        raise DataSourceError(f"{where} was refused: every member's path escapes the archive "
+                              f"(absolute, or with '..'), e.g. {escaping[0].name!r}")
     entries, skipped, split_dir = _layout(safe, split, where)
     return _file_dataset(store, entries, skipped=escaping + skipped, labels_csv=labels_csv,
                          identity=identity + [split],

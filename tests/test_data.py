@@ -728,3 +728,11 @@ def test_upload_fingerprint_follows_bytes():
     b = open_uploads([("a.png", png_bytes(colour((2, 2, 2))))])
     assert a.fingerprint != b.fingerprint
     assert a.fingerprint == open_uploads([("a.png", png_bytes(colour((1, 1, 1))))]).fingerprint
+
+
+def test_zip_whose_every_member_escapes_is_refused_as_such(tmp_path):
+    path = tmp_path / "evil.zip"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("../../evil.png", b"not even an image")
+    with pytest.raises(DataSourceError, match="every member's path escapes the archive"):
+        open_source(str(path))
