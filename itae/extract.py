@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -260,8 +261,12 @@ def _new_array(shape: tuple, dtype, spill_dir: Path | None) -> np.ndarray:
     nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     if nbytes <= SPILL_BYTES:
         return np.empty(shape, dtype=dtype)
-    handle = tempfile.NamedTemporaryFile(dir=spill_dir, suffix=".npy", delete=False)
-    return np.lib.format.open_memmap(handle.name, mode="w+", dtype=dtype, shape=shape)
+    with tempfile.NamedTemporaryFile(dir=spill_dir, suffix=".npy", delete=False) as handle:
+        path = handle.name
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    with contextlib.suppress(OSError):  # POSIX: the mapping outlives the name, and the disk space is freed with it
+        os.unlink(path)
+    return array
 
 
 @torch.inference_mode()

@@ -149,6 +149,7 @@ def test_large_value_caches_spill_to_disk(tmp_path, monkeypatch):
     backbone, dataset = tiny_backbone(), ListDataset(6)
     extraction = extract(backbone, dataset, spill_dir=tmp_path)
     assert isinstance(extraction.cache.values.base, np.memmap) or isinstance(extraction.cache.values, np.memmap)
+    assert list(tmp_path.iterdir()) == []  # no temporary file left behind
     x = batch_of(backbone, dataset, range(6))
     theta = float(np.median(extraction.query_norms[:, 1:]))
     torch.testing.assert_close(
