@@ -138,7 +138,8 @@ def main(argv=None) -> dict:
             speed_ok = ours["speedup_vs_sklearn"] >= target
             quality_ok = ours["inertia_gap_vs_sklearn"] <= 0.005
             print(f"  ours: speed {'ok' if speed_ok else 'MISS'} (target >= {target}x), quality {'ok' if quality_ok else 'MISS'} (target within +0.5 %)")
-    out = {"figure": "kmeans", "device": str(device), "sets": args.sets, "n": args.n, "target_speedup": target, "results": results}
+    out = {"figure": "kmeans", "device": str(device), "sets": args.sets, "n": args.n, "threads": args.threads,
+           "target_speedup": target, "results": results}
     _common.write_json(args.json, out)
     return out
 

@@ -39,16 +39,17 @@ from itae.backbones import load_backbone
 from itae.data import balanced_subset, open_source
 from itae.extract import extract
 backbone = load_backbone({model!r}, weights="random", device={device!r})
-extract(backbone, balanced_subset(open_source("fashion-mnist"), {n}, seed=0), batch_size={batch})
+extract(backbone, balanced_subset(open_source("fashion-mnist", root={root_data!r}), {n}, seed=0), batch_size={batch})
 """
 
 
-def child_command(via: str, model: str, n: int, batch: int, device: str, workdir: Path) -> list[str]:
+def child_command(via: str, model: str, n: int, batch: int, device: str, workdir: Path, data_root: str | None) -> list[str]:
     if via == "library":
-        code = _LIBRARY_CHILD.format(root=str(_common.ROOT), model=model, n=n, batch=batch, device=device)
+        code = _LIBRARY_CHILD.format(root=str(_common.ROOT), root_data=data_root, model=model, n=n, batch=batch, device=device)
         return [sys.executable, "-c", code]
+    where = ["--root", data_root] if data_root else []
     return [
-        sys.executable, "-m", "itae", "extract", "--data", "fashion-mnist", "--limit", str(n),
+        sys.executable, "-m", "itae", "extract", "--data", "fashion-mnist", *where, "--limit", str(n),
         "--model", model, "--weights", "random", "--device", device, "--batch-size", str(batch),
         "--cache-dir", str(workdir / "cache"), "--out", str(workdir / f"extract-{n}.npz"),
     ]
@@ -78,6 +79,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--base", type=int, default=None, help="images of the baseline run, the fixed cost (default: one batch)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--via", choices=("cli", "library"), default="cli")
+    parser.add_argument("--root", default=None, help="folder holding the Fashion-MNIST IDX files (default: Debian's)")
     args = parser.parse_args(argv)
     print(_common.machine())
     shapes = cache_bytes(args.model)
@@ -85,7 +87,7 @@ def main(argv=None) -> dict:
     rows = []
     with tempfile.TemporaryDirectory() as workdir:
         for n in [args.base or args.batch, *args.images]:
-            peak, seconds = peak_rss(child_command(args.via, args.model, n, args.batch, args.device, Path(workdir)), Path(workdir), args.threads)
+            peak, seconds = peak_rss(child_command(args.via, args.model, n, args.batch, args.device, Path(workdir), args.root), Path(workdir), args.threads)
             rows.append({"images": n, "peak_bytes": peak, "seconds": seconds, "arrays_bytes": n * per_image})
     base = rows[0]
     print(f"\n`itae extract` via {args.via}, {args.model} random weights, fp32, batch {args.batch}; "

@@ -93,6 +93,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--model", default="dinov2_vits14")
     parser.add_argument("--images", type=int, default=64, help="Fashion-MNIST test images (balanced subset)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--root", default=None, help="folder holding the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args(argv)
     device, precision = _common.resolve(args.device, args.precision)
@@ -100,7 +101,7 @@ def main(argv=None) -> dict:
     print(_common.machine())
     backbone = load_backbone(args.model, weights="random", device=device)
     _common.informative_random(backbone.model)
-    dataset = balanced_subset(open_source("fashion-mnist"), args.images, seed=0)
+    dataset = balanced_subset(open_source("fashion-mnist", root=args.root), args.images, seed=0)
     extraction = extract(backbone, dataset, batch_size=args.batch, precision=precision)
     precision = extraction.meta["precision"]  # extract runs bf16 on CUDA only
     theta = float(np.median(extraction.query_norms[:, 1:]))

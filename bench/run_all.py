@@ -2,13 +2,14 @@
 
 Each benchmark runs in its own process (memory and numba's first-call compile stay separate) with
 the small arguments below; its full table is printed as it goes. For the sizes of the issue, run
-the scripts one by one (see bench/README.md). K-Means runs on one thread: on a machine shared with
-other jobs, OpenMP's spinning threads collapse when the cores are oversubscribed and multi-thread
-timings of scikit-learn and faiss stop meaning anything. Extra arguments go to every script, e.g.
-``--device cuda``.
+the scripts one by one (see bench/README.md). On a CPU, K-Means runs on one thread: on a machine
+shared with other jobs, OpenMP's spinning threads collapse when the cores are oversubscribed and
+multi-thread timings of scikit-learn and faiss stop meaning anything. ``--device`` and ``--threads``
+go to every script.
 
     python bench/run_all.py
     python bench/run_all.py --only kmeans extraction
+    python bench/run_all.py --device cuda
 """
 from __future__ import annotations
 
@@ -26,8 +27,8 @@ HERE = Path(__file__).resolve().parent
 
 QUICK = {
     "extraction": ["--repeats", "5"],
-    "theta_change": ["--images", "32", "--repeats", "3"],
-    "kmeans": ["--sets", "1", "--dims", "384", "--threads", "1"],
+    "theta_change": ["--images", "64", "--repeats", "3"],
+    "kmeans": ["--sets", "1", "--dims", "384"],
     "end_to_end": ["--limit", "100", "--model", "dinov2_vits14", "--sets", "2", "--runs", "5"],
     "memory": ["--images", "300", "500"],
     "dashboard": ["--images", "100", "--repeats", "2"],
@@ -51,7 +52,7 @@ def summary(name: str, r: dict) -> list[str]:
         return [
             f"K={c['k']} D={c['dim']}: " + ", ".join(
                 f"{m} {row['speedup_vs_sklearn']:.2f}x ({row['inertia_gap_vs_sklearn']:+.2%})" for m, row in c["methods"].items()
-            ) + " (speed vs sklearn, inertia gap)"
+            ) + f" (speed vs sklearn, inertia gap; threads: {r['threads'] or 'all'})"
             for c in r["results"]
         ]
     if name == "end_to_end":
@@ -69,13 +70,17 @@ def summary(name: str, r: dict) -> list[str]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", nargs="+", choices=list(QUICK), default=list(QUICK))
-    args, extra = parser.parse_known_args()
+    parser.add_argument("--device", default="cpu", help="cpu or cuda, passed to every script")
+    parser.add_argument("--threads", type=int, help="CPU threads of every script (default: all; K-Means on a CPU: 1)")
+    args = parser.parse_args()
     print(_common.machine(), flush=True)
     results, failed = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.only:
             out = Path(tmp) / f"{name}.json"
-            command = [sys.executable, str(HERE / f"bench_{name}.py"), *QUICK[name], *extra, "--json", str(out)]
+            threads = args.threads or (1 if name == "kmeans" and args.device == "cpu" else None)
+            command = [sys.executable, str(HERE / f"bench_{name}.py"), *QUICK[name], "--device", args.device,
+                       *(["--threads", str(threads)] if threads else []), "--json", str(out)]
             print(f"\n=== {name}: {' '.join(command[1:-2])}", flush=True)
             start = time.perf_counter()
             if subprocess.run(command).returncode != 0 or not out.is_file():
