@@ -25,6 +25,9 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))  # `python bench/x.py` works without `pip install -e .`
 
+from itae.devices import resolve_device  # noqa: E402
+from itae.errors import DeviceError  # noqa: E402
+
 __all__ = [
     "ROOT",
     "add_device_args",
@@ -97,9 +100,10 @@ def informative_random(model: torch.nn.Module, layer_scale: float = 0.1) -> None
 
 def resolve(device: str, precision: str = "fp32") -> tuple[torch.device, str]:
     """The torch device and the precision actually used ("auto" becomes bf16 on CUDA, fp32 elsewhere)."""
-    device = torch.device(device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        sys.exit("--device cuda was asked for but CUDA is not available on this machine")
+    try:
+        device = resolve_device(device)
+    except DeviceError as error:
+        sys.exit(str(error))
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
     return device, precision

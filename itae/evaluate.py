@@ -39,6 +39,9 @@ from sklearn.metrics.cluster import contingency_matrix
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import normalize
 
+from itae.choices import BACKENDS, METRICS
+from itae.devices import resolve_device
+
 __all__ = [
     "KMeansResult",
     "ProtocolResult",
@@ -52,7 +55,6 @@ __all__ = [
     "stratified_split",
 ]
 
-BACKENDS = ("auto", "sklearn", "torch")
 SILHOUETTE_SAMPLE_SIZE = 5_000  # silhouette is O(n²); beyond this many samples it is estimated on a seeded sample
 KNN_BLOCK_ELEMENTS = 1 << 24  # test rows per k-NN block: this many similarities (64 MB) at a time
 # Elements of one block of the K-Means distance matrix: small enough to stay in a CPU's L2 cache
@@ -404,12 +406,7 @@ def _centers_from_sums(X, sums, counts, sq_dist):
 
 
 def _resolve_device(device) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"the torch K-Means runs on 'cpu' or 'cuda' (its sums are float64), got device={str(device)!r}")
-    return device
+    return resolve_device(device, supported=("cpu", "cuda"), purpose="the torch K-Means (its sums are float64)")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -445,8 +442,7 @@ class ProtocolResult:
 
     def summary(self) -> dict[str, Summary]:
         """Metric name -> :class:`Summary` over the sets, for the metrics this result holds."""
-        names = ("acc", "nmi", "ari", "inertia", "silhouette")
-        return {name: Summary.from_values(getattr(self, name)) for name in names if getattr(self, name) is not None}
+        return {name: Summary.from_values(getattr(self, name)) for name in METRICS if getattr(self, name) is not None}
 
     def to_dict(self) -> dict:
         """JSON-ready: ``{metric: {"mean", "std", "se"}, "sets", "runs", "seed", "n_clusters", "n_samples"}``."""

@@ -15,14 +15,8 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import checkpoint_filter_fn
 
 from itae import checkpoints
-from itae.checkpoints import (
-    DEMO_LABEL,
-    DEMO_TIMM_ID,
-    CheckpointError,
-    demo_weights_file,
-    read_checkpoint,
-    to_timm_state_dict,
-)
+from itae.checkpoints import DEMO_LABEL, DEMO_TIMM_ID, demo_weights_file, read_checkpoint, to_timm_state_dict
+from itae.errors import CheckpointError
 
 # name -> (timm id, overrides); the SwiGLU one is a narrow ViT-g (DINOv2's mlp.w12/w3).
 VARIANTS = {
