@@ -1,100 +1,39 @@
-"""The backbone registry: one record per model, and loading its weights from the hub, a file or the demo.
+"""Loading a registry model's weights from the hub, a file or the offline demo, and feeding it images.
 
-Each :class:`BackboneSpec` is the single source of truth for a model: its timm id, registers, the paper's
-default θ, its input size and its label. Preprocessing is derived from the timm model's own
+The records of the models live in :mod:`itae.registry`. Preprocessing is derived from the timm model's own
 ``pretrained_cfg`` (mean, std); the input size follows the paper (a plain 224×224 resize).
+
+Hub weights go through huggingface_hub, as timm's own downloads do, so its endpoint (``HF_ENDPOINT``),
+proxies (``HTTPS_PROXY``, ...), token, cache (``HF_HOME``, ``HF_HUB_CACHE``), timeout
+(``HF_HUB_ETAG_TIMEOUT``) and offline mode (``HF_HUB_OFFLINE``) all apply. One difference: where timm
+retries an unreachable hub for about 46 s, this asks once and then falls back to the cache, and fails
+within seconds with a message that names the alternatives.
 """
 from __future__ import annotations
 
-import os
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
-from urllib.parse import urlparse
 
 import timm
 import torch
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from PIL import Image
 from timm.data import resolve_model_data_config
 from timm.models import get_pretrained_cfg
 from torch import nn
 from torchvision.transforms import v2
 
-from itae.checkpoints import DEMO_LABEL, CheckpointError, demo_weights_file, read_checkpoint, to_timm_state_dict
+from itae.checkpoints import DEMO_LABEL, demo_weights_file, read_checkpoint, to_timm_state_dict
+from itae.devices import resolve_device
+from itae.errors import BackboneError, CheckpointError
+from itae.registry import REGISTRY, BackboneSpec, get_spec
 
-__all__ = ["BackboneSpec", "Backbone", "BackboneError", "REGISTRY", "load_backbone", "resolve_device", "get_spec"]
+__all__ = ["Backbone", "load_backbone", "make_preprocess"]
 
-
-class BackboneError(RuntimeError):
-    """A backbone could not be loaded; the message says what to do instead."""
-
-
-@dataclass(frozen=True)
-class BackboneSpec:
-    """One model of the registry.
-
-    Attributes
-    ----------
-    name : the registry name, e.g. ``"dinov2_vitb14_reg"``
-    timm_id : timm architecture and pretrained tag, e.g. ``"vit_base_patch14_reg4_dinov2.lvd142m"``
-    label : what outputs call it
-    num_registers : register tokens after CLS
-    default_theta : the paper's θ (Sec. 4.2), or None where the paper applied no ITAE or gave no θ
-    img_size : square input side; the paper resizes every image to 224×224
-    demo_weights : whether ``weights="demo"`` exists for it
-    """
-
-    name: str
-    timm_id: str
-    label: str
-    num_registers: int
-    default_theta: float | None
-    img_size: int = 224
-    demo_weights: bool = False
-
-    @property
-    def architecture(self) -> str:
-        return self.timm_id.split(".")[0]
-
-
-def _dinov2(size: str, arch: str, theta: float | None, registers: bool, demo: bool = False) -> BackboneSpec:
-    reg = "_reg4" if registers else ""
-    return BackboneSpec(
-        name=f"dinov2_vit{size}14{'_reg' if registers else ''}",
-        timm_id=f"vit_{arch}_patch14{reg}_dinov2.lvd142m",
-        label=f"DINOv2 ViT-{size.upper()}/14{' with registers' if registers else ''}",
-        num_registers=4 if registers else 0,
-        default_theta=theta,
-        demo_weights=demo,
-    )
-
-
-REGISTRY: dict[str, BackboneSpec] = {
-    spec.name: spec
-    for spec in [
-        # ViT-S without registers: the paper applied no ITAE (no bimodality), hence no θ.
-        _dinov2("s", "small", None, registers=False, demo=True),
-        _dinov2("b", "base", 3.0, registers=False),
-        _dinov2("l", "large", 3.0, registers=False),
-        _dinov2("g", "giant", 3.0, registers=False),
-        _dinov2("s", "small", 2.0, registers=True),
-        _dinov2("b", "base", 3.0, registers=True),
-        _dinov2("l", "large", 3.0, registers=True),
-        _dinov2("g", "giant", 3.0, registers=True),
-        # The paper names CLIP and DeiT III among ViTs with artifacts but gives them no θ.
-        BackboneSpec("clip_vitb16", "vit_base_patch16_clip_224.openai", "CLIP ViT-B/16 (OpenAI)", 0, None),
-        BackboneSpec("deit3_vitb16", "deit3_base_patch16_224.fb_in22k_ft_in1k", "DeiT III ViT-B/16", 0, None),
-    ]
-}
-
-
-def get_spec(name: str) -> BackboneSpec:
-    """The registry record for ``name``; a clear error listing the known names otherwise."""
-    try:
-        return REGISTRY[name]
-    except KeyError:
-        raise BackboneError(f"unknown model {name!r}; known models: {', '.join(REGISTRY)}") from None
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")
+"""The weight files timm publishes on the hub, in the order timm prefers them."""
 
 
 @dataclass
@@ -154,20 +93,6 @@ def _weights_identity(weights: str) -> str:
     return weights
 
 
-def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """The given device, else CUDA, then Apple MPS, then CPU."""
-    if device is not None:
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise BackboneError(f"device {device} was asked for but CUDA is not available; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
 def make_preprocess(model: nn.Module, img_size: int) -> Callable[[Image.Image], torch.Tensor]:
     """PIL image -> normalised float tensor (3, img_size, img_size): the paper's plain resize, the model's mean/std."""
     config = resolve_model_data_config(model)
@@ -181,16 +106,6 @@ def make_preprocess(model: nn.Module, img_size: int) -> Callable[[Image.Image], 
     )
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether the Hugging Face hub answers at all: timm's own retries take close to a minute offline."""
-    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
-    try:
-        with socket.create_connection((host, 443), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def _hub_hint(spec: BackboneSpec) -> str:
     demo = " or weights='demo' (the offline DINOv2-S/14-initialised demo)" if spec.demo_weights else ""
     return (
@@ -199,28 +114,37 @@ def _hub_hint(spec: BackboneSpec) -> str:
     )
 
 
-def _load_from_hub(spec: BackboneSpec, create: Callable[..., nn.Module]) -> nn.Module:
-    if not _hub_reachable():
-        cached = _cached_hub_file(get_pretrained_cfg(spec.timm_id).hf_hub_id)
-        if cached is None:
-            raise BackboneError(f"the model hub is unreachable and {spec.name} is not in the local cache: {_hub_hint(spec)}")
-        return _load_from_file(spec, create(pretrained=False, init=False), cached)
-    try:
-        return create(pretrained=True)
-    except Exception as error:  # timm/huggingface_hub raise many types for a failed download
-        raise BackboneError(f"downloading {spec.timm_id} failed ({error}); {_hub_hint(spec)}") from error
-
-
-def _cached_hub_file(repo: str | None) -> str | None:
+def _hub_weights_file(spec: BackboneSpec) -> str:
+    """The local path of ``spec``'s hub weights: downloaded, or found in huggingface_hub's cache."""
+    repo = get_pretrained_cfg(spec.timm_id).hf_hub_id
     if not repo:
-        return None
-    from huggingface_hub import try_to_load_from_cache
+        raise BackboneError(f"{spec.timm_id} has no weights on the Hugging Face hub: {_hub_hint(spec)}")
+    if constants.HF_HUB_OFFLINE:
+        return _cached_hub_file(repo, spec, "the Hugging Face hub is switched off (HF_HUB_OFFLINE)")
+    for filename in HUB_FILES:
+        try:
+            # One request, no retries: huggingface_hub's own quick check before it falls back to its cache.
+            get_hf_file_metadata(hf_hub_url(repo, filename), timeout=constants.HF_HUB_ETAG_TIMEOUT)
+        except EntryNotFoundError:  # the hub has no such file in this repository: try the next
+            continue
+        except HfHubHTTPError as error:  # the hub answered but refused: gated, private, or down
+            return _cached_hub_file(repo, spec, f"the hub refused {repo}/{filename} ({error})")
+        except Exception:  # connection failures: their types belong to huggingface_hub's HTTP library of the day
+            return _cached_hub_file(repo, spec, "the model hub is unreachable")
+        try:
+            return hf_hub_download(repo, filename, library_name="itae")
+        except Exception as error:  # a download can fail in as many ways as the network
+            raise BackboneError(f"downloading {repo}/{filename} failed ({error}); {_hub_hint(spec)}") from error
+    raise BackboneError(f"{repo} on the hub holds none of {', '.join(HUB_FILES)}; {_hub_hint(spec)}")
 
-    for filename in ("model.safetensors", "pytorch_model.bin"):
+
+def _cached_hub_file(repo: str, spec: BackboneSpec, why: str) -> str:
+    """A weight file of ``repo`` in huggingface_hub's cache, or an error saying ``why`` the hub cannot help."""
+    for filename in HUB_FILES:
         path = try_to_load_from_cache(repo, filename)
-        if isinstance(path, str):
+        if isinstance(path, str):  # it also answers "known to be missing" with a sentinel object
             return path
-    return None
+    raise BackboneError(f"{why} and {spec.name} ({repo}) is not in the local hub cache: {_hub_hint(spec)}")
 
 
 def _load_from_file(spec: BackboneSpec, model: nn.Module, path: str | Path) -> nn.Module:
@@ -243,40 +167,54 @@ def load_backbone(
     Parameters
     ----------
     name : a registry name, e.g. ``"dinov2_vits14"``, ``"dinov2_vitb14_reg"`` (see ``REGISTRY``)
-    weights : None (the timm hub), a checkpoint file path, ``"demo"`` (offline, DINOv2-S/14 only)
-        or ``"random"`` (random initialisation, for tests and timing)
-    device : None picks CUDA, then MPS, then CPU
+    weights : None or ``"hub"`` (timm's weights on the Hugging Face hub, or in its cache), a checkpoint
+        file path, ``"demo"`` (offline, DINOv2-S/14 only) or ``"random"`` (random initialisation, for
+        tests and timing)
+    device : None or ``"auto"`` picks CUDA, then MPS, then CPU (:func:`itae.devices.resolve_device`)
 
     Returns
     -------
     Backbone
+
+    Raises
+    ------
+    BackboneError
+        If the model is unknown, or its weights are missing, unreachable or do not fit; the message
+        names the alternatives.
+    DeviceError
+        If ``device`` is missing from this machine.
     """
     spec = get_spec(name)
     target = resolve_device(device)
-
-    def create(pretrained: bool, init: bool = True) -> nn.Module:
-        # A file overwrites every weight: skipping timm's random init saves seconds on the big models.
-        extra = {} if init else {"weight_init": "skip"}
-        return timm.create_model(spec.timm_id, pretrained=pretrained, img_size=spec.img_size, **extra)
-
-    label = spec.label
-    if weights is None or weights == "hub":
-        model, source = _load_from_hub(spec, create), "hub"
-    elif weights == "random":
+    if weights == "random":
         # Seeded, so that "random" names one model and features cached under that name stay valid.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            model, source, label = create(pretrained=False), "random", f"{spec.label} (random weights)"
-    elif weights == "demo":
-        if not spec.demo_weights:
-            demos = [s.name for s in REGISTRY.values() if s.demo_weights]
-            raise BackboneError(f"weights='demo' exists only for {', '.join(demos)}, not {name}")
-        try:
-            path = demo_weights_file()
-        except CheckpointError as error:
-            raise BackboneError(str(error)) from error
-        model, source, label = _load_from_file(spec, create(pretrained=False, init=False), path), "demo", DEMO_LABEL
+            model, source, label = _create(spec, initialise=True), "random", f"{spec.label} (random weights)"
     else:
-        model, source = _load_from_file(spec, create(pretrained=False, init=False), weights), str(weights)
+        source, path = _weights_file(spec, weights)
+        model = _load_from_file(spec, _create(spec, initialise=False), path)
+        label = DEMO_LABEL if source == "demo" else spec.label
     model = model.eval().to(target)
     return Backbone(spec, model, make_preprocess(model, spec.img_size), source, label, target)
+
+
+def _create(spec: BackboneSpec, initialise: bool) -> nn.Module:
+    # A file overwrites every weight: skipping timm's random init saves seconds on the big models.
+    extra = {} if initialise else {"weight_init": "skip"}
+    return timm.create_model(spec.timm_id, pretrained=False, img_size=spec.img_size, **extra)
+
+
+def _weights_file(spec: BackboneSpec, weights: str | Path | None) -> tuple[str, str | Path]:
+    """(where the weights come from, their file) for the hub, the demo or a file; found before any model is built."""
+    if weights is None or weights == "hub":
+        return "hub", _hub_weights_file(spec)
+    if weights == "demo":
+        if not spec.demo_weights:
+            demos = [s.name for s in REGISTRY.values() if s.demo_weights]
+            raise BackboneError(f"weights='demo' exists only for {', '.join(demos)}, not {spec.name}")
+        try:
+            return "demo", demo_weights_file()
+        except CheckpointError as error:
+            raise BackboneError(str(error)) from error
+    return str(weights), weights
