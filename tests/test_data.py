@@ -14,7 +14,6 @@ import pytest
 from PIL import Image
 from torchvision.datasets import CIFAR10, CIFAR100, STL10
 
-from itae import data
 from itae.data import (
     SOURCES,
     DataSourceError,
@@ -24,6 +23,8 @@ from itae.data import (
     open_source,
     open_uploads,
 )
+from itae.data import files as data_files
+from itae.resources import bundled
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -189,7 +190,7 @@ def test_bad_files_are_skipped_with_reasons(tmp_path):
     assert len(ds) == 5
     why = reasons(ds)
     assert set(why) == {"cat/fake.png", "cat/notes.txt", "dog/huge.png", "dog/big.png"}
-    assert "not a readable image" in why["cat/fake.png"]
+    assert why["cat/fake.png"] == "not an image file (Pillow cannot identify it)"
     assert "not an image file type (.txt)" in why["cat/notes.txt"]
     assert "decompression bomb" in why["dog/huge.png"]
     assert "64.0 megapixels" in why["dog/big.png"]
@@ -275,7 +276,14 @@ def test_bad_arguments_are_refused(tmp_path):
 def test_sources_have_descriptions():
     assert {"demo", "demo-photos", "fashion-mnist", "cifar10", "cifar100", "stl10",
             "tiny-imagenet"} <= set(SOURCES)
-    assert all(isinstance(text, str) and text for text in SOURCES.values())
+    assert all(name == source.name and source.description for name, source in SOURCES.items())
+    assert [name for name, source in SOURCES.items() if not source.needs_root] == ["demo", "demo-photos"]
+    assert [name for name, source in SOURCES.items() if not source.has_train_split] == ["demo", "demo-photos"]
+
+
+def test_a_source_without_a_train_split_says_so():
+    with pytest.raises(DataSourceError, match="'demo-photos' has no train split"):
+        open_source("demo-photos", split="train")
 
 
 # Labels CSV -------------------------------------------------------------------------
@@ -311,16 +319,30 @@ def test_labels_csv_without_header(tmp_path):
     (b"nothing.png,a\n", "names none of the 2 images"),
     (b"img0.png,a\nimg0.png,b\n", "two labels"),
     (b"img0.png\n", "line 1: expected filename,label"),
-])
+    (b"img0.png;a\nimg1.png;b\n", "line 1: expected filename,label .* separated by semicolons, use commas"),
+    (png_bytes(colour((1, 2, 3))), "not a text CSV file .*binary"),
+    ("img0.png,a\n".encode("utf-16"), "not a text CSV file"),  # Excel's "Unicode text"
+    (b"PK\x03\x04\x14\x00\x06\x00\x08\x00\x00\x00!\x00", "not a text CSV file"),  # a spreadsheet (.xlsx)
+], ids=["no-match", "two-labels", "one-column", "semicolons", "an-image", "utf-16", "xlsx"])
 def test_bad_labels_csv_raises(tmp_path, content, message):
     root = flat_folder(tmp_path / "flat", n=2)
     with pytest.raises(DataSourceError, match=message):
         open_source(root, labels_csv=write(tmp_path / "l.csv", content))
+    with pytest.raises(DataSourceError, match=message.replace("line 1", "the labels CSV, line 1")):
+        open_uploads([(f"img{i}.png", png_bytes(colour((i, i, i)))) for i in range(2)], labels_csv=content)
+
+
+def test_labels_csv_header_is_recognised_by_its_label_column(tmp_path):
+    root = flat_folder(tmp_path / "flat", n=2)
+    ds = open_source(root, labels_csv=write(tmp_path / "l.csv", b"picture,class\nimg0.png,a\nimg1.png,b\n"))
+    assert ds.class_names == ["a", "b"] and ds.skipped == []
 
 
 def test_missing_labels_csv_raises(tmp_path):
     with pytest.raises(DataSourceError, match="does not exist"):
         open_source(flat_folder(tmp_path / "flat"), labels_csv=tmp_path / "none.csv")
+    with pytest.raises(DataSourceError, match="is a folder, not a file"):
+        open_source(flat_folder(tmp_path / "flat"), labels_csv=tmp_path)
 
 
 # Zips -------------------------------------------------------------------------------
@@ -347,7 +369,7 @@ def test_zip_with_corrupt_member_skips_it(tmp_path):
                                             "b.png": b"garbage"})
     ds = open_source(path)
     assert ds.names == ["a.png"]
-    assert "not a readable image" in reasons(ds)["b.png"]
+    assert reasons(ds)["b.png"] == "not an image file (Pillow cannot identify it)"
 
 
 def test_zip_bomb_ratio_is_refused(tmp_path):
@@ -357,7 +379,7 @@ def test_zip_bomb_ratio_is_refused(tmp_path):
 
 
 def test_zip_total_size_limit(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "MAX_ZIP_BYTES", 1000)
+    monkeypatch.setattr(data_files, "MAX_ZIP_BYTES", 1000)
     path = make_zip(tmp_path / "big.zip", {"a.png": png_bytes(noise((32, 32)))})
     with pytest.raises(DataSourceError, match="GiB limit"):
         open_source(path)
@@ -386,7 +408,7 @@ def test_uploaded_images_with_labels(tmp_path):
     assert ds.names == ["a.png", "b.jpg"]
     assert ds.labels.tolist() == [0, 1]
     why = reasons(ds)
-    assert "not a readable image" in why["c.png"]
+    assert why["c.png"] == "not an image file (Pillow cannot identify it)"  # no "<_io.BytesIO object at 0x...>"
     assert "same file name" in why["dir/a.png"]
 
 
@@ -610,7 +632,7 @@ def test_demo_photos_load():
 
 
 def test_demo_assets_stay_small():
-    demo = Path(data.__file__).resolve().parent.parent / "assets" / "demo"
+    demo = Path(str(bundled("assets"))) / "demo"
     assert sum(f.stat().st_size for f in demo.rglob("*") if f.is_file()) < 2 * 1024**2
 
 
