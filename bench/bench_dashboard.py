@@ -76,7 +76,7 @@ def main(argv=None) -> dict:
     steps["next UMAP"] = _common.timed(lambda: umap_fit(l2_normalize(extraction.itae(float(thetas[0])).features)), device)
 
     first = steps["first extraction"]
-    print(f"\ndemo ViT-S/14 ({backbone.label}), {len(extraction):,} demo images, {extraction.meta['precision']}, batch {args.batch}")
+    print(f"\ndemo ViT-S/14 ({backbone.label}), {len(extraction):,} demo images, {extraction.info.precision}, batch {args.batch}")
     print(f"  {'step':<34}{'seconds':>9}{'ratio to first extraction':>28}")
     for name, seconds in steps.items():
         print(f"  {name:<34}{seconds:>9.3f}{seconds / first:>28.4f}")

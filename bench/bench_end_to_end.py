@@ -32,6 +32,7 @@ from torch.utils.data import DataLoader
 
 import _common
 from itae.backbones import load_backbone
+from itae.choices import SUPERVISED_METRICS
 from itae.data import balanced_subset, open_source
 from itae.evaluate import cluster_protocol, l2_normalize
 from itae.extract import extract
@@ -103,7 +104,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - start
 
     n = len(extraction)
-    print(f"\n{args.model} (random weights), {n:,} images, {extraction.meta['precision']}, batch {batch}, "
+    print(f"\n{args.model} (random weights), {n:,} images, {extraction.info.precision}, batch {batch}, "
           f"{workers} workers, K-Means {args.sets} sets x {args.runs} inits, θ = {theta:.3f}")
     rows = {}
     for name, seconds in stages.items():
@@ -117,9 +118,9 @@ def main(argv=None) -> dict:
     for name, scores in protocol.items():
         print(f"  {name:<9} ACC {scores['acc']['mean']:.3f}  NMI {scores['nmi']['mean']:.3f}  ARI {scores['ari']['mean']:.3f}  (random weights)")
     out = {
-        "figure": "end_to_end", "model": args.model, "images": n, "device": str(device), "precision": extraction.meta["precision"],
+        "figure": "end_to_end", "model": args.model, "images": n, "device": str(device), "precision": extraction.info.precision,
         "batch": batch, "workers": workers, "sets": args.sets, "runs": args.runs, "stages_s": rows, "total_s": total,
-        "scores": {name: {m: scores[m]["mean"] for m in ("acc", "nmi", "ari")} for name, scores in protocol.items()},
+        "scores": {name: {m: scores[m]["mean"] for m in SUPERVISED_METRICS} for name, scores in protocol.items()},
     }
     _common.write_json(args.json, out)
     return out

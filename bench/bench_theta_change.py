@@ -103,7 +103,7 @@ def main(argv=None) -> dict:
     _common.informative_random(backbone.model)
     dataset = balanced_subset(open_source("fashion-mnist", root=args.root), args.images, seed=0)
     extraction = extract(backbone, dataset, batch_size=args.batch, precision=precision)
-    precision = extraction.meta["precision"]  # extract runs bf16 on CUDA only
+    precision = extraction.info.precision  # extract runs bf16 on CUDA only
     theta = float(np.median(extraction.query_norms[:, 1:]))
     x = torch.stack([backbone.preprocess(dataset.load(i)) for i in range(len(dataset))]).to(device)
 
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
     times = _common.time_interleaved(variants, device, repeats=args.repeats, warmup=0)
     ratio_extract = _common.median_ratio(times["re-extract"], times["itae(theta)"])
     ratio_forward = _common.median_ratio(times["forward"], times["itae(theta)"])
-    print(f"\n{args.model}, {len(extraction)} images, {extraction.meta['precision']}, batch {args.batch}, {args.repeats} interleaved rounds")
+    print(f"\n{args.model}, {len(extraction)} images, {extraction.info.precision}, batch {args.batch}, {args.repeats} interleaved rounds")
     for name, seconds in times.items():
         print(f"  {name:<14} median {statistics.median(seconds):8.3f} s  ({len(extraction) / statistics.median(seconds):9.1f} img/s)")
     print(f"  re-extract / itae(theta) = {ratio_extract:,.0f}x  (target >= 100x: {'ok' if ratio_extract >= 100 else 'MISS'})")
@@ -136,7 +136,7 @@ def main(argv=None) -> dict:
     names = ["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "dinov2_vitg14", "dinov2_vitg14_reg"]
     out = {
         "figure": "theta_change", "model": args.model, "images": len(extraction), "device": str(device),
-        "precision": extraction.meta["precision"],
+        "precision": extraction.info.precision,
         "median_s": {name: statistics.median(s) for name, s in times.items()},
         "ratio_reextract_to_itae": ratio_extract, "ratio_forward_to_itae": ratio_forward,
         "measured_cache_bytes_per_image": extraction.cache.nbytes_per_image(),

@@ -7,6 +7,7 @@ with the same engine functions as a full forward pass, without touching the back
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,16 +22,71 @@ from torch.utils.data import DataLoader, Dataset
 
 from itae import engine
 from itae.backbones import Backbone
-from itae.data import ImageDataset, SkippedImage, UnreadableImage
+from itae.data import ImageDataset, SkippedImage
+from itae.errors import StaleCacheError, UnreadableImage
+from itae.fileio import atomic_path
 
-__all__ = ["Extraction", "FinalBlockCache", "ItaeResult", "StaleCacheError", "extract", "extract_cached", "cache_key"]
+__all__ = ["Extraction", "ExtractionInfo", "FinalBlockCache", "ItaeResult", "extract", "extract_cached", "cache_key"]
 
 FORMAT_VERSION = 1
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
 
-class StaleCacheError(ValueError):
-    """A saved extraction belongs to another model, weights, dataset or preprocessing."""
+@dataclass(frozen=True)
+class ExtractionInfo:
+    """What an extraction was made from and how: saved with it as JSON, and the key of its cache.
+
+    Attributes
+    ----------
+    model : the registry name, e.g. ``"dinov2_vits14"``
+    label : what outputs call the model (the demo weights say so)
+    weights : ``"hub"``, ``"demo"``, ``"random"`` or a checkpoint path
+    timm_id : the timm architecture and pretrained tag
+    data : the dataset's one-line description
+    data_fingerprint : the dataset's fingerprint
+    key : ``cache_key`` of the backbone's identity and the data fingerprint
+    class_names : tuple of str, or None for unlabelled data
+    num_prefix_tokens : CLS plus registers
+    num_registers : register tokens after CLS
+    grid_size : (rows, cols) of the patch grid
+    default_theta : the paper's θ for the model, or None
+    precision : ``"bf16"`` or ``"fp32"``
+    preprocessing : the backbone's identity (model, weights, input size, mean, std, interpolation)
+    theta, rule : the setting of the ``features_itae`` saved with it; None when there are none
+    """
+
+    model: str
+    label: str
+    weights: str
+    timm_id: str
+    data: str
+    data_fingerprint: str
+    key: str
+    class_names: tuple[str, ...] | None
+    num_prefix_tokens: int
+    num_registers: int
+    grid_size: tuple[int, int]
+    default_theta: float | None
+    precision: str
+    preprocessing: dict
+    theta: float | None = None
+    rule: str | None = None
+
+    def to_json(self) -> dict:
+        """JSON-ready: the fields by name, tuples as lists."""
+        fields = dataclasses.asdict(self)
+        fields["class_names"] = None if self.class_names is None else list(self.class_names)
+        fields["grid_size"] = list(self.grid_size)
+        return fields
+
+    @classmethod
+    def from_json(cls, fields: dict) -> "ExtractionInfo":
+        """The record of :meth:`to_json`'s dict; keys that are not fields (file bookkeeping) are ignored."""
+        known = {name: fields[name] for name in (f.name for f in dataclasses.fields(cls)) if name in fields}
+        if known.get("class_names") is not None:
+            known["class_names"] = tuple(known["class_names"])
+        known["grid_size"] = tuple(known["grid_size"])
+        return cls(**known)
 
 
 @dataclass
@@ -92,7 +148,7 @@ class Extraction:
 
     Attributes
     ----------
-    meta : dict, JSON-ready: model, label, weights, data, key, num_prefix_tokens, grid_size, ...
+    info : ExtractionInfo, what it was made from: model, weights, data, cache key, token layout
     features_original : ndarray of shape (N, C), the unmodified final-norm CLS output
     query_norms : ndarray of shape (N, T), Eq. 4, CLS in column 0
     output_norms : ndarray of shape (N, T), L2 norms of the model's final (normed) output tokens
@@ -104,7 +160,7 @@ class Extraction:
     skipped : images that could not be decoded
     """
 
-    meta: dict
+    info: ExtractionInfo
     features_original: np.ndarray
     query_norms: np.ndarray
     output_norms: np.ndarray
@@ -121,12 +177,12 @@ class Extraction:
 
     @property
     def class_names(self) -> list[str] | None:
-        return self.meta.get("class_names")
+        return None if self.info.class_names is None else list(self.info.class_names)
 
     def attach(self, backbone: Backbone) -> None:
         """Give a loaded extraction the backbone whose final block recomputes features at a new θ."""
-        if cache_key(backbone.identity(), self.meta["data_fingerprint"]) != self.meta["key"]:
-            raise StaleCacheError(f"this extraction was made with {self.meta['model']} / {self.meta['weights']}, not {backbone.label}")
+        if cache_key(backbone.identity(), self.info.data_fingerprint) != self.info.key:
+            raise StaleCacheError(f"this extraction was made with {self.info.model} / {self.info.weights}, not {backbone.label}")
         self._backbone = backbone
 
     def artifact_mask(self, theta: float, rule: str = "minority") -> np.ndarray:
@@ -171,7 +227,12 @@ class Extraction:
             "names": np.array(self.names, dtype=str),
             "skipped": np.array([[s.name, s.reason] for s in self.skipped], dtype=str).reshape(-1, 2),
         }
-        meta = dict(self.meta)
+        info = self.info
+        if itae is not None:
+            arrays["features_itae"] = itae.features
+            arrays["artifact_mask"] = itae.artifact_mask
+            info = dataclasses.replace(info, theta=itae.theta, rule=itae.rule)
+        meta = {"format": FORMAT_VERSION, **info.to_json()}
         if include_cache and self.cache is not None:
             arrays.update(
                 cache_cls_input=self.cache.cls_input, cache_cls_logits=self.cache.cls_logits, cache_values=self.cache.values
@@ -179,14 +240,9 @@ class Extraction:
             meta["values_dtype"] = self.cache.values_dtype
         if self.labels is not None:
             arrays["labels"] = self.labels
-        if itae is not None:
-            arrays["features_itae"] = itae.features
-            arrays["artifact_mask"] = itae.artifact_mask
-            meta.update(theta=itae.theta, rule=itae.rule)
         arrays["meta"] = np.array(json.dumps(meta))
-        temporary = path.with_name(f".{path.name}.{np.random.default_rng().integers(1 << 62)}.tmp.npz")
-        np.savez(temporary, **arrays)
-        temporary.replace(path)  # atomic: a reader never sees half a file
+        with atomic_path(path) as temporary, open(temporary, "wb") as file:
+            np.savez(file, **arrays)
         return path
 
     @classmethod
@@ -201,7 +257,7 @@ class Extraction:
             if cache_key(backbone.identity(), data_fingerprint) != meta["key"]:
                 raise StaleCacheError(f"{path} was extracted from other data, model, weights or preprocessing")
         extraction = cls(
-            meta=meta,
+            info=ExtractionInfo.from_json(meta),
             features_original=arrays["features_original"],
             query_norms=arrays["query_norms"],
             output_norms=arrays["output_norms"],
@@ -240,7 +296,7 @@ class _Preprocessed(Dataset):
         try:
             return index, self.preprocess(self.dataset.load(index)), None
         except UnreadableImage as error:
-            return index, None, str(error)
+            return index, None, error.reason
 
 
 def _collate(items):
@@ -344,25 +400,24 @@ def extract(
         raise ValueError(f"none of the {total} images could be decoded: {skipped[0].reason if skipped else ''}")
     keep = slice(0, row)
     labels = dataset.labels[indices[keep]] if dataset.labels is not None else None
-    meta = {
-        "format": FORMAT_VERSION,
-        "model": backbone.spec.name,
-        "label": backbone.label,
-        "weights": backbone.weights,
-        "timm_id": backbone.spec.timm_id,
-        "data": dataset.description,
-        "data_fingerprint": dataset.fingerprint,
-        "key": cache_key(backbone.identity(), dataset.fingerprint),
-        "class_names": dataset.class_names,
-        "num_prefix_tokens": model.num_prefix_tokens,
-        "num_registers": backbone.spec.num_registers,
-        "grid_size": list(backbone.grid_size),
-        "default_theta": backbone.default_theta,
-        "precision": "bf16" if bf16 else "fp32",
-        "preprocessing": backbone.identity(),
-    }
+    info = ExtractionInfo(
+        model=backbone.spec.name,
+        label=backbone.label,
+        weights=backbone.weights,
+        timm_id=backbone.spec.timm_id,
+        data=dataset.description,
+        data_fingerprint=dataset.fingerprint,
+        key=cache_key(backbone.identity(), dataset.fingerprint),
+        class_names=None if dataset.class_names is None else tuple(dataset.class_names),
+        num_prefix_tokens=model.num_prefix_tokens,
+        num_registers=backbone.spec.num_registers,
+        grid_size=tuple(backbone.grid_size),
+        default_theta=backbone.default_theta,
+        precision="bf16" if bf16 else "fp32",
+        preprocessing=backbone.identity(),
+    )
     extraction = Extraction(
-        meta=meta,
+        info=info,
         features_original=out["features"][keep],
         query_norms=out["query_norms"][keep],
         output_norms=out["output_norms"][keep],

@@ -1,4 +1,6 @@
 """Extraction and its final-block cache: a new θ must equal a full forward pass, without the backbone."""
+import dataclasses
+
 import numpy as np
 import pytest
 import timm
@@ -6,9 +8,10 @@ import torch
 from PIL import Image
 
 from itae import cls_features, extract as extract_module, query_norms
-from itae.backbones import Backbone, BackboneSpec, make_preprocess
-from itae.data import UnreadableImage
-from itae.extract import Extraction, StaleCacheError, extract, extract_cached
+from itae.backbones import Backbone, make_preprocess
+from itae.errors import StaleCacheError, UnreadableImage
+from itae.extract import Extraction, extract, extract_cached
+from itae.registry import BackboneSpec
 
 SPEC = BackboneSpec("tiny", "vit_tiny_test", "tiny test ViT", num_registers=2, default_theta=None, img_size=28)
 
@@ -41,7 +44,7 @@ class ListDataset:
 
     def load(self, index):
         if index in self.broken:
-            raise UnreadableImage(f"{self.names[index]}: truncated file")
+            raise UnreadableImage(self.names[index], "truncated file")
         return Image.fromarray(self.images[index])
 
 
@@ -98,7 +101,7 @@ def test_undecodable_images_are_skipped_and_reported():
     assert extraction.names == ["img0.png", "img1.png", "img3.png", "img4.png", "img6.png"]
     assert list(extraction.labels) == [0, 1, 0, 1, 0]
     assert [s.name for s in extraction.skipped] == ["img2.png", "img5.png"]
-    assert "truncated" in extraction.skipped[0].reason
+    assert extraction.skipped[0].reason == "truncated file"  # the name is not repeated in the reason
     with pytest.raises(ValueError, match="none of the 2 images could be decoded"):
         extract(backbone, ListDataset(2, broken={0, 1}))
 
@@ -113,7 +116,8 @@ def test_save_load_roundtrip_and_stale_keys(tmp_path):
         assert file["features_itae"].shape == file["features_original"].shape == (5, 32)
         assert file["labels"].tolist() == dataset.labels.tolist()
     loaded = Extraction.load(path, backbone, dataset.fingerprint)
-    assert loaded.meta["theta"] == theta and loaded.names == extraction.names
+    assert loaded.info.theta == theta and loaded.info.rule == "minority" and loaded.names == extraction.names
+    assert dataclasses.replace(loaded.info, theta=None, rule=None) == extraction.info
     np.testing.assert_array_equal(loaded.itae(theta).features, itae_result.features)
     with pytest.raises(StaleCacheError):
         Extraction.load(path, backbone, ListDataset(5, seed=1).fingerprint)
@@ -140,7 +144,7 @@ def test_extract_cached_reuses_the_file(tmp_path, monkeypatch):
     np.testing.assert_array_equal(first.features_original, second.features_original)
     monkeypatch.undo()
     other = extract_cached(backbone, ListDataset(4, seed=3), tmp_path)
-    assert other.meta["key"] != first.meta["key"]
+    assert other.info.key != first.info.key
     assert len(list((tmp_path / "features").glob("*.npz"))) == 2
 
 
@@ -165,3 +169,19 @@ def test_bad_arguments():
         extract(backbone, ListDataset(0))
     with pytest.raises(ValueError, match="rule must be one of"):
         extract(backbone, ListDataset(2)).itae(1.0, "sideways")
+
+
+def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
+    extraction = extract(tiny_backbone(), ListDataset(3))
+    extraction.save(tmp_path / "features.npz")
+    before = (tmp_path / "features.npz").read_bytes()
+
+    def disk_full(file, **arrays):
+        file.write(b"half an archive")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        extraction.save(tmp_path / "features.npz")
+    assert [p.name for p in tmp_path.iterdir()] == ["features.npz"]  # no .part file left behind
+    assert (tmp_path / "features.npz").read_bytes() == before  # and the old file untouched
