@@ -35,6 +35,10 @@ quarter of the tokens below its θ).
 between the fitted means, 0.5 is the acceptance threshold, 1 means an empty gap between two modes.
 It grows with the separation of the modes until the gap is empty.
 
+:func:`choose_theta` is the decision both front-ends make for a run: the θ asked for, else the paper's θ for
+the model, else the suggestion; it returns the θ with its origin and the verdict, so that a front-end can
+warn when a θ splits a unimodal distribution.
+
 :func:`theta_sweep` reproduces the ablation of the paper's Sec. 5.2 (Fig. 5): it scores the ITAE
 features at each θ of a grid, and counts the artifacts each θ selects. It knows nothing about
 models: the caller passes ``features_at(theta, rule)`` (usually reading a final-block cache) and
@@ -54,17 +58,22 @@ import torch
 from scipy.ndimage import gaussian_filter1d
 from sklearn.mixture import GaussianMixture
 
+from itae.choices import RULES
 from itae.engine import split_artifacts
 
 __all__ = [
     "BimodalityVerdict",
     "SweepResult",
+    "ThetaChoice",
+    "choose_theta",
     "parse_theta_range",
     "suggest_theta",
     "theta_sweep",
 ]
 
-RULES = ("below", "above", "minority")
+# Checking a given θ against the distribution only decides whether to warn; 50,000 norms keep that
+# to about a second, where suggest_theta's full 200,000 take five.
+CHECK_SAMPLES = 50_000
 
 START_SPLITS = (0.02, 0.5, 0.98)
 MIN_DELTA_BIC = 10.0
@@ -322,6 +331,55 @@ def _failed_criteria(delta_bic, ashman_d, minority_weight, valley) -> list[str]:
     elif valley.depth < MIN_VALLEY_DEPTH:
         failures.append(f"valley depth {valley.depth:.2f} < {MIN_VALLEY_DEPTH:g}")
     return failures
+
+
+@dataclass(frozen=True)
+class ThetaChoice:
+    """The θ a run uses, and why: the outcome of :func:`choose_theta`.
+
+    Attributes
+    ----------
+    value : float or None
+        None means no attenuation: the ITAE features are the original features.
+    origin : {"given", "paper", "auto"}
+        The caller gave θ, the paper's θ for the model was taken, or the norms' bimodality test chose it.
+    verdict : BimodalityVerdict
+        The bimodality test of the query norms, also for a given θ: it says whether that θ splits a
+        unimodal distribution.
+    """
+
+    value: float | None
+    origin: str
+    verdict: BimodalityVerdict
+
+
+def choose_theta(norms, requested: float | str | None = None, default: float | None = None) -> ThetaChoice:
+    """Decide the θ of a run from what was asked for, the model's θ from the paper and the query norms.
+
+    ``"auto"``, or nothing asked for where the paper gives no θ: the suggestion of :func:`suggest_theta`
+    (None, no attenuation, when the norms are not bimodal). A number: that θ. Nothing asked for: the
+    paper's θ. A θ that was not suggested is still tested (on up to 50,000 norms), so that a caller can
+    warn when it splits a unimodal distribution.
+
+    Parameters
+    ----------
+    norms : array-like of shape (n_images, n_tokens)
+        Final-block query norms (Eq. 4), CLS in column 0.
+    requested : float, "auto" or None
+        What the user asked for.
+    default : float or None
+        The paper's θ for the model (``BackboneSpec.default_theta``).
+
+    Returns
+    -------
+    ThetaChoice
+    """
+    candidates = np.asarray(norms)[:, 1:]
+    if requested == "auto" or (requested is None and default is None):
+        verdict = suggest_theta(candidates)
+        return ThetaChoice(verdict.theta, "auto", verdict)
+    value, origin = (default, "paper") if requested is None else (requested, "given")
+    return ThetaChoice(float(value), origin, suggest_theta(candidates, max_samples=CHECK_SAMPLES))
 
 
 def parse_theta_range(text: str) -> np.ndarray:

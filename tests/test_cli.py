@@ -1,4 +1,4 @@
-"""The ``itae`` command: in-process through ``main([...])``, plus one run of the installed console script.
+"""The ``itae`` command: in-process through ``main([...])``, plus runs of the installed console script.
 
 Random weights on dinov2_vits14 and 20 demo images keep every extraction to a few seconds on a CPU;
 a module-wide cache folder lets most tests reuse one extraction.
@@ -15,9 +15,9 @@ import pandas as pd
 import pytest
 
 import itae.extract
-from itae import __version__, cli
-from itae.backbones import REGISTRY
-from itae.data import balanced_subset, open_source
+from itae import __version__, cli, commands, reports
+from itae.data import SOURCES, balanced_subset, open_source
+from itae.registry import REGISTRY
 
 SMALL = ["--model", "dinov2_vits14", "--weights", "random", "--data", "demo", "--limit", "20", "--device", "cpu"]
 # scikit-learn: the reference K-Means, quick on 20 points.
@@ -43,10 +43,10 @@ def load_each_backbone_once():
             loaded[name, weights, device] = real_load_backbone(name, weights=weights, device=device)
         return loaded[name, weights, device]
 
-    real_load_backbone = cli.load_backbone
-    cli.load_backbone = load_backbone
+    real_load_backbone = commands.load_backbone
+    commands.load_backbone = load_backbone
     yield
-    cli.load_backbone = real_load_backbone
+    commands.load_backbone = real_load_backbone
 
 
 def run(capsys, *args):
@@ -210,7 +210,7 @@ def test_suggest_theta_prints_verdict_and_histogram(capsys, tmp_path, cache_dir)
 def test_ascii_histogram_counts_registers_apart_and_marks_theta():
     patches = np.concatenate([np.full(90, 3.0), np.full(10, 1.0)])
     registers = np.full(8, 1.0)
-    lines = cli.ascii_histogram(patches, registers, bins=4, width=20, marks={2.0: "θ = 2"})
+    lines = reports.ascii_histogram(patches, registers, bins=4, width=20, marks={2.0: "θ = 2"})
     assert "R register tokens" in lines[0]
     low_bin, mark = lines[1], lines.index(next(line for line in lines if "θ = 2" in line))
     assert low_bin.split(" | ")[1].split()[0] == "##RR" and low_bin.endswith(" 18 (8 R)")
@@ -231,7 +231,7 @@ def test_knn_compares_original_and_itae(capsys, tmp_path, cache_dir):
 def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cache_dir):
     demo = open_source("demo")
     splits = {"train": balanced_subset(demo, 20, seed=0), "test": balanced_subset(demo, 10, seed=0)}
-    monkeypatch.setattr(cli, "open_source", lambda spec, split, **kwargs: splits[split])
+    monkeypatch.setattr(commands, "open_source", lambda spec, split, **kwargs: splits[split])
     status, out, _ = run(capsys, "knn", *SMALL[:4], "--data", "cifar10", "--k", "3", "--cache-dir", cache_dir)
     assert status == 0
     assert "subset of 20 (seed 0), 20 images; queries: " in out and "subset of 10 (seed 0), 10 images" in out
@@ -241,7 +241,7 @@ def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cac
     ("arguments", "status", "expected"),
     [
         (["eval", "--data", "{tmp}/no-such-folder"], 1, "no-such-folder"),
-        (["eval", "--model", "resnet50"], 1, "known models"),
+        (["eval", "--model", "resnet50"], 2, "known models"),  # checked with the command line, before torch loads
         (["eval", "--rule", "sideways"], 2, "invalid choice"),
         (["eval", "--theta", "high"], 2, "--theta"),
         (["eval", "--limit", "5"], 1, "fewer than the 10 clusters"),
@@ -283,3 +283,38 @@ def test_console_script_end_to_end(tmp_path):
     assert "No bimodality" in done.stdout and report["itae"] == report["original"]
     # Pretrained features cluster Fashion-MNIST far above chance (10 %).
     assert report["original"]["acc"]["mean"] > 0.2
+
+
+def test_help_and_argument_errors_do_not_import_torch():
+    # Whatever the machine's speed: --help must not pay for torch, timm, torchvision or scikit-learn.
+    probe = (
+        "import sys; from itae.cli import main\n"
+        "for argv in (['--help'], ['eval', '--help'], ['eval', '--rule', 'sideways'], ['eval', '--model', 'resnet50'],"
+        " ['models'], ['sources']):\n"
+        "    main(argv)\n"
+        "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn') if m in sys.modules)\n"
+        "print('heavy modules:', heavy)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "heavy modules: []"
+    assert "invalid choice: 'sideways'" in done.stderr and "unknown model 'resnet50'" in done.stderr
+
+
+def test_sources_lists_the_registry_and_the_readme_holds_its_table(capsys):
+    status, out, _ = run(capsys, "sources")
+    assert status == 0 and all(name in out for name in SOURCES)
+    status, markdown, _ = run(capsys, "sources", "--markdown")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    assert status == 0 and markdown.strip() in readme, "README's source table is stale: paste `itae sources --markdown`"
+
+
+def test_app_runs_streamlit_on_the_shipped_dashboard(monkeypatch):
+    started = []
+    monkeypatch.setattr(subprocess, "call", lambda command: started.append(command) or 0)
+    assert cli.main(["app", "--port", "8600", "--", "--server.address", "0.0.0.0"]) == 0
+    (command,) = started
+    assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
+    script = Path(command[4])
+    assert script.name == "main.py" and (script.parent / "pages" / "data_model.py").is_file()
+    assert command[command.index("--server.port") + 1] == "8600" and command[-2:] == ["--server.address", "0.0.0.0"]

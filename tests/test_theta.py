@@ -10,6 +10,8 @@ from scipy.stats import norm
 from itae.theta import (
     BimodalityVerdict,
     SweepResult,
+    ThetaChoice,
+    choose_theta,
     parse_theta_range,
     suggest_theta,
     theta_sweep,
@@ -315,3 +317,24 @@ def test_parse_theta_range_errors(text, match):
 
 def test_verdict_type_is_public():
     assert isinstance(suggest_theta(np.full(10, 2.0)), BimodalityVerdict)
+
+
+def _token_norms(values, n_images=100):
+    """Query norms of shape (n_images, tokens) with a CLS column in front, from a flat sample."""
+    tokens = np.asarray(values).reshape(n_images, -1)
+    return np.concatenate([np.full((n_images, 1), 50.0), tokens], axis=1)  # CLS: far away, and ignored
+
+
+def test_choose_theta_follows_the_request_then_the_paper_then_the_norms():
+    bimodal = _token_norms(_mixture((1.0, 0.1), (3.0, 0.2), 0.05, seed=0))
+    unimodal = _token_norms(np.random.default_rng(0).normal(3.0, 0.3, N_NORMS))
+    auto = choose_theta(bimodal)  # no request, no paper θ: the norms decide
+    assert isinstance(auto, ThetaChoice) and auto.origin == "auto" and auto.verdict.bimodal
+    assert auto.value == auto.verdict.theta and 1.0 < auto.value < 3.0
+    assert choose_theta(bimodal, "auto", default=3.0).origin == "auto"
+    paper = choose_theta(bimodal, default=2.5)
+    assert (paper.value, paper.origin, paper.verdict.bimodal) == (2.5, "paper", True)
+    given = choose_theta(unimodal, 1.5, default=2.5)
+    assert (given.value, given.origin, given.verdict.bimodal) == (1.5, "given", False)  # tested, to warn about
+    nothing = choose_theta(unimodal)
+    assert (nothing.value, nothing.origin, nothing.verdict.bimodal) == (None, "auto", False)  # no attenuation

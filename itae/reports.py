@@ -1,0 +1,259 @@
+"""Text reports for a terminal: aligned tables, an ASCII histogram of query norms, and the reports of the
+``itae`` subcommands. They only format what the library computed; nothing here computes a result.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from itae.choices import SUPERVISED_METRICS
+
+if TYPE_CHECKING:
+    from itae.data import SourceSpec
+    from itae.extract import Extraction
+    from itae.registry import BackboneSpec
+    from itae.theta import BimodalityVerdict, SweepResult
+
+__all__ = [
+    "THETA_ORIGIN_TEXT",
+    "ascii_histogram",
+    "attenuation",
+    "eval_report",
+    "extract_summary",
+    "knn_report",
+    "models_table",
+    "percent",
+    "sources_markdown",
+    "sources_table",
+    "sweep_report",
+    "table",
+    "theta_text",
+    "verdict_report",
+]
+
+THETA_ORIGIN_TEXT = {"given": "--theta", "paper": "the paper's θ for this model", "auto": "auto"}
+"""How the command line names where a θ came from (``ThetaChoice.origin``)."""
+
+
+def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
+    """Align ``rows`` (the first is the header) in columns; indices in ``right`` are right-aligned."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(cell.rjust(w) if i in right else cell.ljust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _plain(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.4g}"
+
+
+def theta_text(theta: float | None) -> str:
+    return "none" if theta is None else f"{theta:g}"
+
+
+def _delta(before: float | None, after: float | None, scale) -> str:
+    if before is None or after is None:
+        return "n/a"
+    return ("+" if after >= before else "-") + scale(abs(after - before))
+
+
+def attenuation(extraction: Extraction, theta: float, rule: str) -> tuple[float, float]:
+    """(fraction of non-CLS tokens, tokens per image) that ``theta`` and ``rule`` attenuate."""
+    mask = extraction.artifact_mask(theta, rule)[:, 1:]
+    return float(mask.mean()), float(mask.sum(axis=1).mean())
+
+
+def models_table(specs: list[BackboneSpec]) -> str:
+    """The model registry, one row per model."""
+    rows = [["name", "timm id", "registers", "default θ", "demo weights", "label"]]
+    for spec in specs:
+        rows.append([spec.name, spec.timm_id, str(spec.num_registers), theta_text(spec.default_theta),
+                     "yes" if spec.demo_weights else "no", spec.label])
+    return table(rows, right={2})
+
+
+def _source_rows(sources: list[SourceSpec]) -> list[list[str]]:
+    rows = [["name", "what", "needs --root", "train split"]]
+    for source in sources:
+        rows.append([source.name, source.description, "yes" if source.needs_root else "no",
+                     "yes" if source.has_train_split else "no"])
+    return rows
+
+
+def sources_table(sources: list[SourceSpec]) -> str:
+    """The built-in data sources, one row per source."""
+    return table(_source_rows(sources))
+
+
+def sources_markdown(sources: list[SourceSpec]) -> str:
+    """The built-in data sources as a Markdown table: the README's table."""
+    header, *body = _source_rows(sources)
+    # Markdown would take "<root>" for an HTML tag and hide it.
+    body = [[f"`{name}`", description.replace("<", "&lt;").replace(">", "&gt;"), *flags]
+            for name, description, *flags in body]
+    lines = [header, ["---"] * len(header), *body]
+    return "\n".join("| " + " | ".join(cells) + " |" for cells in lines)
+
+
+def extract_summary(extraction: Extraction, device: str, theta_line: str, path: Path) -> str:
+    """The paragraph ``itae extract`` prints: what was extracted, skipped and written."""
+    info = extraction.info
+    rows, cols = info.grid_size
+    n_tokens = extraction.query_norms.shape[1]
+    skipped = extraction.skipped
+    reasons = "".join(f" {s.name}: {s.reason};" for s in skipped[:5]).rstrip(";")
+    more = f" ... and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+    labels = "" if extraction.labels is not None else ", no labels"
+    return (
+        f"Extracted {len(extraction):,} images ({info.data}{labels}) with {info.label} "
+        f"[weights {info.weights}] on {device}. "
+        f"Skipped {len(skipped)}{':' + reasons + more if skipped else ''}. "
+        f"Each image gives a {extraction.features_original.shape[1]}-d CLS feature and {n_tokens} tokens "
+        f"(CLS, {info.num_registers} registers, {rows}×{cols} patches). {theta_line} "
+        f"Wrote {path} ({path.stat().st_size / 1e6:.1f} MB): features_original, features_itae, "
+        f"{'labels, ' if extraction.labels is not None else ''}query_norms, artifact_mask, attention and "
+        f"the final-block cache."
+    )
+
+
+def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int) -> str:
+    """The table of ``itae eval``: every model's metrics, original vs ITAE, from its JSON report."""
+    first = reports[0]
+    rows = [["model", "θ", "metric", "original", "ITAE", "Δ"]]
+    for report in reports:
+        label = report["label"]
+        theta = theta_text(report["theta"])
+        for name, original in report["original"].items():
+            itae = report["itae"][name]
+            scale = percent if name in SUPERVISED_METRICS else _plain
+            rows.append([label, theta, name.upper() if name in SUPERVISED_METRICS else name,
+                         f"{scale(original['mean'])} ± {scale(original['se'])}",
+                         f"{scale(itae['mean'])} ± {scale(itae['se'])}",
+                         _delta(original["mean"], itae["mean"], scale)])
+            label = theta = ""
+    header = [
+        f"Zero-shot K-Means clustering, original vs ITAE (rule {rule})",
+        f"data:   {first['data']}",
+        f"images: {first['n_images']:,} used ({first['n_skipped']} skipped); K = {first['n_clusters']}; "
+        f"{sets} sets × {runs} K-Means runs (seed {seed})",
+    ]
+    percents = " (ACC, NMI, ARI in %)" if "acc" in first["original"] else ""
+    footer = [f"mean ± SE over the {sets} sets{percents}; SE = std / √{sets}; --json also gives the std."]
+    if any(report["theta"] is None for report in reports):
+        footer.append("θ = none: the query norms are not bimodal, nothing is attenuated, ITAE = original.")
+    return "\n".join([*header, "", table(rows, right={3, 4, 5}), "", *footer])
+
+
+def sweep_report(result: SweepResult, extraction: Extraction, sets: int, runs: int) -> str:
+    """The table of ``itae sweep``: ACC and the attenuated share at every θ of the grid."""
+    original = result.original
+    rows = [["θ", "attenuated %", "per image", "ACC", "Δ vs original"]]
+    for row in result.rows:
+        rows.append([f"{row['theta']:g}", f"{100 * row['artifact_fraction']:.2f}",
+                     f"{row['mean_artifacts_per_image']:.1f}",
+                     f"{percent(row['acc_mean'])} ± {percent(row.get('acc_se'))}",
+                     f"{100 * (row['acc_mean'] - original['acc_mean']):+.2f}"])
+    best = max(result.rows, key=lambda row: row["acc_mean"])
+    return "\n".join([
+        f"θ sweep (the paper's Fig. 5), rule {result.rule}: {extraction.info.label} on {extraction.info.data}, "
+        f"{len(extraction):,} images, {sets} sets × {runs} runs",
+        f"original ACC {percent(original['acc_mean'])} ± {percent(original.get('acc_se'))}",
+        "",
+        table(rows, right={0, 1, 2, 3, 4}),
+        "",
+        f"best: ACC {percent(best['acc_mean'])} ± {percent(best.get('acc_se'))} at θ = {best['theta']:g} "
+        f"(ACC in %, mean ± SE over the {sets} sets)",
+    ])
+
+
+def verdict_report(verdict: BimodalityVerdict, extraction: Extraction, marks: dict, rule: str) -> str:
+    """The verdict of ``itae suggest-theta``, and what each marked θ would attenuate."""
+    n_images, n_tokens = extraction.query_norms.shape
+    lines = [
+        f"{extraction.info.label} on {extraction.info.data}: query norms of {n_images * (n_tokens - 1):,} "
+        f"non-CLS tokens ({n_images:,} images × {n_tokens - 1})",
+        f"bimodal: {'yes' if verdict.bimodal else 'no'}   θ: {theta_text(verdict.theta)}   "
+        f"strength (valley depth): {verdict.strength:.2f}   Ashman's D: {verdict.ashman_d:.2f}   "
+        f"ΔBIC: {verdict.delta_bic:.1f}",
+    ]
+    if verdict.bimodal:
+        lines.append(f"minority: {100 * verdict.minority_fraction:.2f} % of the tokens, {verdict.minority_side} θ")
+    lines.append(verdict.message)
+    registers = extraction.info.num_registers
+    for theta, text in sorted(marks.items()):
+        fraction, per_image = attenuation(extraction, theta, rule)
+        line = f"{text}, rule {rule}: attenuates {100 * fraction:.2f} % of the tokens, {per_image:.1f} per image"
+        if registers:
+            mask = extraction.artifact_mask(theta, rule)[:, 1:1 + registers]
+            line += f" ({mask.sum(axis=1).mean():.2f} of the {registers} registers)"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def ascii_histogram(patch_norms, register_norms=None, bins: int = 30, width: int = 50,
+                    marks: dict[float, str] | None = None) -> list[str]:
+    """A horizontal histogram of query norms for a terminal, registers stacked apart.
+
+    Parameters
+    ----------
+    patch_norms : array-like, any shape
+        Query norms of the patch tokens.
+    register_norms : array-like, any shape, optional
+        Query norms of the register tokens, drawn with ``R`` after the patches' ``#``.
+    bins : int
+        Number of equal-width bins over the range of all norms.
+    width : int
+        Characters of the longest bar.
+    marks : dict of float to str, optional
+        Values (θ) to mark with a line of text between the bins around them.
+
+    Returns
+    -------
+    list of str, one per line
+    """
+    patches = np.asarray(patch_norms, dtype=np.float64).ravel()
+    registers = np.asarray(register_norms if register_norms is not None else [], dtype=np.float64).ravel()
+    edges = np.histogram_bin_edges(np.concatenate([patches, registers]), bins=bins)
+    patch_counts, _ = np.histogram(patches, edges)
+    register_counts, _ = np.histogram(registers, edges)
+    scale = width / max(int((patch_counts + register_counts).max()), 1)
+    pending = sorted((marks or {}).items())
+    legend = "# patch tokens" + (", R register tokens" if registers.size else "")
+    lines = [f"{'query norm':>17} | {legend}"]
+    for low, high, n_patches, n_registers in zip(edges[:-1], edges[1:], patch_counts, register_counts):
+        while pending and pending[0][0] < (low + high) / 2:
+            lines.append(f"{'':>17} +--- {pending.pop(0)[1]} ---")
+        bar = _bar(n_patches, scale, "#") + _bar(n_registers, scale, "R")
+        count = f"{n_patches + n_registers:,}" + (f" ({n_registers:,} R)" if n_registers else "")
+        lines.append(f"{low:8.3f}-{high:<8.3f} | {bar:<{width}} {count}")
+    lines += [f"{'':>17} +--- {text} ---" for _, text in pending]
+    return lines
+
+
+def _bar(count: int, scale: float, char: str) -> str:
+    # A non-empty bin always shows: a few artifacts among 10^5 tokens is exactly what one looks for.
+    return char * (max(1, round(count * scale)) if count else 0)
+
+
+def knn_report(report: dict) -> str:
+    """The table of ``itae knn``, from its JSON report."""
+    bank, queries, accuracy = report["memory_bank"], report["queries"], report["accuracy"]
+    rows = [["model", "θ", "original", "ITAE", "Δ"],
+            [report["label"], theta_text(report["theta"]), percent(accuracy["original"]),
+             percent(accuracy["itae"]), f"{100 * (accuracy['itae'] - accuracy['original']):+.2f}"]]
+    return "\n".join([
+        f"k-NN classification (k = {report['k']}, temperature {report['temperature']:g}, rule {report['rule']}), "
+        "accuracy in %",
+        f"memory bank: {bank['data']}, {bank['n_images']:,} images; queries: {queries['data']}, "
+        f"{queries['n_images']:,} images",
+        "",
+        table(rows, right={2, 3, 4}),
+    ])
