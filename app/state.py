@@ -5,7 +5,7 @@ Heavy objects are shared read-only by all browser sessions: backbones and datase
 per (extraction, θ, rule). What one user picked (source, subset, model, θ, rule) lives in
 ``st.session_state`` only, so sessions never see each other's choices.
 
-Environment variables set the defaults (tests use them to stay fast):
+Environment variables set the defaults (tests use them to stay fast); ``itae.settings`` reads them:
 ``ITAE_APP_WEIGHTS`` (default ``demo``), ``ITAE_APP_LIMIT`` (subset size, default 200),
 ``ITAE_CACHE_DIR`` (feature cache root, default ``~/.cache/itae``).
 """
@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import streamlit as st
 from streamlit.errors import StreamlitAPIException
 
-from itae.backbones import REGISTRY, Backbone, BackboneError, load_backbone
-from itae.data import DataSourceError, ImageDataset, balanced_subset, open_source, open_uploads
-from itae.engine import RULES
-from itae.extract import Extraction, ItaeResult, StaleCacheError, extract_cached
+from itae import settings
+from itae.backbones import Backbone, load_backbone
+from itae.choices import RULES
+from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
+from itae.errors import USER_ERRORS, DataSourceError
+from itae.extract import Extraction, ItaeResult, extract_cached
+from itae.registry import REGISTRY
 from itae.theta import BimodalityVerdict, suggest_theta
 
 __all__ = [
     "LIBRARY_ERRORS",
     "SIDEBAR_FRAGMENT",
     "Selection",
-    "cache_dir",
     "commit_selection",
     "current_dataset",
     "current_extraction",
@@ -52,9 +52,10 @@ __all__ = [
     "verdict",
 ]
 
-# Everything the library raises for bad input, missing files or weights; pages catch these and
-# show the message, so no traceback ever reaches the page.
-LIBRARY_ERRORS = (DataSourceError, BackboneError, StaleCacheError, ValueError, OSError, RuntimeError)
+# What pages catch and show as a message, so that no traceback ever reaches the page: the library's
+# user errors, as the command line catches them, and a device failing (torch raises RuntimeError, for
+# running out of memory too).
+LIBRARY_ERRORS = (*USER_ERRORS, RuntimeError)
 
 THETA_STEP = 0.01
 STORE_CAPACITY = 4  # extractions kept in memory across sessions; the disk cache keeps the rest
@@ -89,22 +90,17 @@ class Selection:
     split: str = "test"
     download: bool = False
     upload_id: str = ""
-    limit: int = 200
+    limit: int = settings.DEFAULT_APP_SUBSET_SIZE
     seed: int = 0
-    model: str = "dinov2_vits14"
-    weights: str = "demo"
+    model: str = settings.DEFAULT_MODEL
+    weights: str = settings.default_weights(settings.DEFAULT_MODEL)
     device: str = "auto"
     batch_size: int = 32
 
 
 def default_selection() -> Selection:
     """The selection a fresh session opens on: the embedded demo with the offline demo weights."""
-    return Selection(weights=os.environ.get("ITAE_APP_WEIGHTS", "demo"), limit=int(os.environ.get("ITAE_APP_LIMIT", "200")))
-
-
-def cache_dir() -> Path:
-    """Root of the on-disk caches (features under ``<root>/features``), as the library reads it."""
-    return Path(os.environ.get("ITAE_CACHE_DIR") or Path.home() / ".cache" / "itae").expanduser()
+    return Selection(weights=settings.app_weights(), limit=settings.app_subset_size())
 
 
 def current_selection() -> Selection:
@@ -119,7 +115,7 @@ def current_selection() -> Selection:
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
 def get_backbone(model: str, weights: str, device: str) -> Backbone:
     """A loaded registry model, shared by all sessions; raises BackboneError with advice."""
-    return load_backbone(model, weights=None if weights == "hub" else weights, device=None if device == "auto" else device)
+    return load_backbone(model, weights=weights, device=device)
 
 
 @st.cache_resource(show_spinner="Opening the data…", max_entries=8)
@@ -206,7 +202,7 @@ def _extract_with_progress(backbone: Backbone, dataset: ImageDataset, batch_size
         bar.progress(done / total, text=f"{done}/{total} images · ~{left:.0f} s left")
 
     try:
-        return extract_cached(backbone, dataset, cache_dir(), batch_size=batch_size, progress=progress)
+        return extract_cached(backbone, dataset, settings.cache_dir(), batch_size=batch_size, progress=progress)
     finally:
         bar.empty()
 
@@ -268,7 +264,7 @@ def itae_result(extraction: Extraction, theta: float | None = None, rule: str | 
     """ITAE features and attention at θ and rule (the current ones by default), from the cache, shared."""
     theta = current_theta() if theta is None else theta
     rule = current_rule() if rule is None else rule
-    return _itae(extraction.meta["key"], round(float(theta), 4), rule, extraction)
+    return _itae(extraction.info.key, round(float(theta), 4), rule, extraction)
 
 
 @st.cache_data(max_entries=16, show_spinner="Testing the norms for bimodality…")
@@ -278,7 +274,7 @@ def _verdict(key: str, _norms: np.ndarray) -> BimodalityVerdict:
 
 def verdict(extraction: Extraction) -> BimodalityVerdict:
     """``suggest_theta`` on the query norms without the CLS column (registers stay in)."""
-    return _verdict(extraction.meta["key"], extraction.query_norms[:, 1:])
+    return _verdict(extraction.info.key, extraction.query_norms[:, 1:])
 
 
 def default_clusters(extraction: Extraction) -> int:
@@ -307,13 +303,13 @@ def _initial_theta(extraction: Extraction) -> float:
     """
     found = verdict(extraction)
     if found.bimodal:
-        default = extraction.meta.get("default_theta")
+        default = extraction.info.default_theta
         return float(default if default is not None else found.theta)
     return theta_range(extraction)[0]
 
 
 def _ensure_theta(extraction: Extraction) -> None:
-    key = extraction.meta["key"]
+    key = extraction.info.key
     if st.session_state.get("theta_for") != key:
         st.session_state.theta = round(_initial_theta(extraction), 2)
         st.session_state.rule = "minority"
@@ -395,7 +391,7 @@ def sidebar_status() -> None:
         st.caption(f"**Data** {selection.source}, subset of {selection.limit}")
         st.caption("Not extracted yet.")
         return
-    st.caption(f"**Model** {extraction.meta['label']}")
-    st.caption(f"**Data** {extraction.meta['data']}")
+    st.caption(f"**Model** {extraction.info.label}")
+    st.caption(f"**Data** {extraction.info.data}")
     st.caption(f"**Images** {len(extraction)}" + (f" ({len(extraction.skipped)} skipped)" if extraction.skipped else ""))
     st.caption(f"**θ** {current_theta():.2f} · **rule** {current_rule()}")

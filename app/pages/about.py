@@ -48,8 +48,8 @@ def token_name(token: int, registers: int, cols: int) -> str:
 
 
 def worked_example(extraction) -> None:
-    meta = extraction.meta
-    registers, (rows, cols) = meta["num_registers"], meta["grid_size"]
+    info = extraction.info
+    registers, (rows, cols) = info.num_registers, info.grid_size
     theta, rule = state.current_theta(), state.current_rule()
     row = st.selectbox("Image", range(len(extraction)), format_func=lambda r: extraction.names[r], key="about_row")
     norms = extraction.query_norms[row, 1:]

@@ -71,8 +71,8 @@ def register_table(query_norms, mask, before, after, registers: int) -> pd.DataF
 
 
 def show_image(title: str, image: Image.Image, extraction, result, row: int, head: int | None) -> None:
-    meta = extraction.meta
-    prefix, grid = meta["num_prefix_tokens"], tuple(meta["grid_size"])
+    info = extraction.info
+    prefix, grid = info.num_prefix_tokens, info.grid_size
     before = head_map(extraction.attention_original[row], head, prefix, grid)
     after = head_map(result.attention[row], head, prefix, grid)
     mask = result.artifact_mask[row]
@@ -80,9 +80,9 @@ def show_image(title: str, image: Image.Image, extraction, result, row: int, hea
     st.markdown(f"**{title}** · {count} artifact token(s) (outlined)")
     captions = ["input (artifacts outlined)", "original CLS attention", "ITAE CLS attention", "difference ITAE − original (blue: less)"]
     st.image(panels(image, before, after, mask, prefix, grid), caption=captions, width=SIDE)
-    if meta["num_registers"]:
+    if info.num_registers:
         st.caption("Registers are not in the maps; their values (mean over heads):")
-        table = register_table(extraction.query_norms[row], mask, extraction.attention_original[row], result.attention[row], meta["num_registers"])
+        table = register_table(extraction.query_norms[row], mask, extraction.attention_original[row], result.attention[row], info.num_registers)
         st.dataframe(table, hide_index=True)
 
 

@@ -3,26 +3,21 @@ import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 import streamlit as st
-import torch
 
 import state
-from itae.backbones import REGISTRY
+from itae.choices import SPLITS
 from itae.data import SOURCES
+from itae.devices import available_devices
+from itae.registry import REGISTRY
 
 OTHER_SOURCES = {"path": "A folder or .zip on this server", "upload": "Upload images or one .zip"}
-BUILT_IN_NEEDING_ROOT = ("fashion-mnist", "cifar10", "cifar100", "stl10", "tiny-imagenet")
 WEIGHTS = {"demo": "offline demo", "hub": "download from the hub", "file": "local checkpoint file", "random": "random (no training)"}
 THUMBNAILS = 30
 THUMBNAIL_SIDE = 96
 
 
 def device_options() -> list[str]:
-    options = ["auto", "cpu"]
-    if torch.cuda.is_available():
-        options.append("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        options.append("mps")
-    return options
+    return ["auto", *available_devices()]
 
 
 def bind(key: str, value) -> None:
@@ -31,11 +26,12 @@ def bind(key: str, value) -> None:
 
 
 def source_widgets(current: state.Selection) -> dict:
-    labels = {**SOURCES, **OTHER_SOURCES}
+    labels = {**{name: source.description for name, source in SOURCES.items()}, **OTHER_SOURCES}
     bind("data_source", current.source)
     source = st.selectbox("Source", list(labels), format_func=lambda k: f"{k} — {labels[k]}", key="data_source")
     choice = {"source": source}
-    if source in BUILT_IN_NEEDING_ROOT:
+    built_in = SOURCES.get(source)
+    if built_in is not None and built_in.needs_root:
         bind("data_root", current.root)
         bind("data_download", current.download)
         choice["root"] = st.text_input("Root folder (empty: the default)", key="data_root", help="Where the dataset lives or is downloaded to.")
@@ -47,10 +43,12 @@ def source_widgets(current: state.Selection) -> dict:
         choice["labels_csv"] = st.text_input("Labels CSV on the server (optional: filename,label rows)", key="data_labels_csv")
     if source == "upload":
         st.file_uploader("Images, or one .zip of images", accept_multiple_files=True, key="data_files")
-        st.file_uploader("Labels CSV (optional: filename,label rows)", type=["csv"], key="data_labels_file")
-    if source not in ("demo", "demo-photos", "upload"):
+        # Any file type: the library refuses what is not a labels CSV with a message, instead of the
+        # upload widget dropping it unnoticed.
+        st.file_uploader("Labels CSV (optional: filename,label rows)", key="data_labels_file")
+    if source == "path" or (built_in is not None and built_in.has_train_split):
         bind("data_split", current.split)
-        choice["split"] = st.radio("Split", ["test", "train"], key="data_split", horizontal=True)
+        choice["split"] = st.radio("Split", SPLITS, key="data_split", horizontal=True)
     bind("data_limit", current.limit)
     bind("data_seed", current.seed)
     left, right = st.columns(2)
@@ -162,13 +160,13 @@ def main() -> None:
     extraction = state.current_extraction()
     if extraction is None:
         return
-    meta = extraction.meta
+    info = extraction.info
     columns = st.columns(4)
     columns[0].metric("Images", len(extraction))
     columns[1].metric("Classes", len(extraction.class_names) if extraction.class_names else "none")
     columns[2].metric("Skipped", len(extraction.skipped))
-    columns[3].metric("Tokens per image", extraction.query_norms.shape[1], help=f"CLS + {meta['num_registers']} registers + {meta['grid_size'][0]}×{meta['grid_size'][1]} patches")
-    st.caption(f"{meta['data']} · {meta['label']} · weights: {meta['weights']} · precision {meta['precision']} · cache key {meta['key']}")
+    columns[3].metric("Tokens per image", extraction.query_norms.shape[1], help=f"CLS + {info.num_registers} registers + {info.grid_size[0]}×{info.grid_size[1]} patches")
+    st.caption(f"{info.data} · {info.label} · weights: {info.weights} · precision {info.precision} · cache key {info.key}")
     show_counts(extraction)
     st.markdown(f"**The first {min(THUMBNAILS, len(extraction))} images**")
     show_thumbnails(extraction)

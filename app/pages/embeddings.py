@@ -81,7 +81,7 @@ def selected_rows(event, rows_per_trace: list[np.ndarray]) -> set[int]:
 
 def colouring(extraction, result, how: str, n_clusters: int, seed: int, theta_id: str):
     """(colours for the original plot, colours for the ITAE plot, category names or None)."""
-    key = extraction.meta["key"]
+    key = extraction.info.key
     if how == "true label":
         return extraction.labels, extraction.labels, extraction.class_names
     if how == "K-Means cluster":
@@ -125,7 +125,7 @@ def main() -> None:
     min_dist = float(columns[3].number_input("UMAP min_dist", 0.0, 1.0, 0.1, step=0.05, key="emb_min_dist"))
     seed = 0
     umap_compiled()
-    key, theta_id = extraction.meta["key"], f"itae θ={theta:.4f} {rule}"
+    key, theta_id = extraction.info.key, f"itae θ={theta:.4f} {rule}"
     original = umap_embedding(key, "original", n_neighbors, min_dist, seed, extraction.features_original)
     attenuated = umap_embedding(key, theta_id, n_neighbors, min_dist, seed, result.features)
     colours_original, colours_itae, categories = colouring(extraction, result, how, n_clusters, seed, theta_id)

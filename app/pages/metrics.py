@@ -10,6 +10,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import state
+from itae.choices import METRICS, RULES
 from itae.evaluate import cluster_protocol, knn_classify, stratified_split
 from itae.theta import parse_theta_range, theta_sweep
 
@@ -29,7 +30,7 @@ def knn(key: str, features_id: str, k: int, seed: int, _features, _labels) -> fl
 
 
 def metric_names(result: dict) -> list[str]:
-    return [name for name in ("acc", "nmi", "ari", "inertia", "silhouette") if isinstance(result.get(name), dict)]
+    return [name for name in METRICS if isinstance(result.get(name), dict)]
 
 
 def number(value: float | None) -> str:
@@ -65,7 +66,7 @@ def flat_results(original: dict, itae: dict, settings: dict) -> pd.DataFrame:
 def sweep_figure(sweep) -> go.Figure:
     """Fig. 5: the score against θ with SE bars, the original as a line, and the attenuated share on a second axis."""
     frame = sweep.to_frame().sort_values("theta")
-    metric = next(m for m in ("acc", "nmi", "ari", "inertia") if f"{m}_mean" in frame)
+    metric = next(m for m in METRICS if f"{m}_mean" in frame)
     figure = make_subplots(specs=[[{"secondary_y": True}]])
     figure.add_trace(go.Scatter(
         x=frame["theta"], y=frame[f"{metric}_mean"], error_y=dict(array=frame.get(f"{metric}_se")),
@@ -100,11 +101,11 @@ def run_sweep(extraction, thetas, rule: str, n_clusters: int, sets: int, runs: i
     def score(features):
         return cluster_protocol(features, labels=extraction.labels, n_clusters=n_clusters, sets=sets, runs=runs, seed=seed).summary()
 
-    original = protocol(extraction.meta["key"], "original", n_clusters, sets, runs, seed, extraction.features_original, extraction.labels)
+    original = protocol(extraction.info.key, "original", n_clusters, sets, runs, seed, extraction.features_original, extraction.labels)
     try:
         return theta_sweep(
             extraction.query_norms, features_at=lambda theta, rule: state.itae_result(extraction, theta, rule).features,
-            score=score, thetas=thetas, rule=rule, num_prefix_tokens=extraction.meta["num_prefix_tokens"],
+            score=score, thetas=thetas, rule=rule, num_prefix_tokens=extraction.info.num_prefix_tokens,
             original_score=original, progress=progress,
         )
     finally:
@@ -129,15 +130,15 @@ def sweep_section(extraction, n_clusters: int, sets: int, runs: int, seed: int) 
     st.caption("The paper's ablation: attenuate L_a (rule *below*) at each θ and cluster again. Uses the cached final block only.")
     left, right = st.columns([3, 1])
     text = left.text_input("θ values (start:stop:step, or a list a,b,c)", default_range(extraction), key="sweep_range")
-    rule = right.selectbox("Rule", ["below", "minority", "above"], key="sweep_rule")
+    rule = right.selectbox("Rule", RULES, index=RULES.index("below"), key="sweep_rule")
     if st.button("Run the sweep", key="sweep_run"):
         try:
             thetas = parse_theta_range(text)
-            st.session_state.sweep = (extraction.meta["key"], run_sweep(extraction, thetas, rule, n_clusters, sets, runs, seed))
+            st.session_state.sweep = (extraction.info.key, run_sweep(extraction, thetas, rule, n_clusters, sets, runs, seed))
         except state.LIBRARY_ERRORS as error:
             st.warning(f"The sweep could not run: {error}")
     stored = st.session_state.get("sweep")
-    if not stored or stored[0] != extraction.meta["key"]:
+    if not stored or stored[0] != extraction.info.key:
         return
     sweep = stored[1]
     st.plotly_chart(sweep_figure(sweep), key="sweep_chart")
@@ -163,7 +164,7 @@ def main() -> None:
     sets = int(columns[1].number_input("Sets", 1, 100, 5, key="metrics_sets", help="The paper: 20"))
     runs = int(columns[2].number_input("Runs (initialisations) per set", 1, 100, 10, key="metrics_runs", help="The paper: 25"))
     seed = int(columns[3].number_input("Seed", 0, 2**31 - 1, 0, key="metrics_seed"))
-    key, theta_id = extraction.meta["key"], f"itae θ={theta:.4f} {rule}"
+    key, theta_id = extraction.info.key, f"itae θ={theta:.4f} {rule}"
     try:
         original = protocol(key, "original", n_clusters, sets, runs, seed, extraction.features_original, extraction.labels)
         itae = protocol(key, theta_id, n_clusters, sets, runs, seed, result.features, extraction.labels)
@@ -172,7 +173,7 @@ def main() -> None:
         return
     st.subheader("Clustering")
     st.table(results_table(original, itae).set_index("metric"))
-    settings = {"theta": theta, "rule": rule, "n_clusters": n_clusters, "sets": sets, "runs": runs, "seed": seed, "model": extraction.meta["label"], "data": extraction.meta["data"]}
+    settings = {"theta": theta, "rule": rule, "n_clusters": n_clusters, "sets": sets, "runs": runs, "seed": seed, "model": extraction.info.label, "data": extraction.info.data}
     report = {"settings": settings, "original": original, "itae": itae}
     if extraction.labels is not None:
         st.subheader("k-NN accuracy")

@@ -33,7 +33,7 @@ def split_tokens(norms: np.ndarray, num_prefix_tokens: int) -> tuple[np.ndarray,
 
 def norms_figure(extraction, theta: float, log_y: bool) -> go.Figure:
     """Fig. 2: query norms (Eq. 4) with θ, and output token norms; registers as their own trace."""
-    prefix = extraction.meta["num_prefix_tokens"]
+    prefix = extraction.info.num_prefix_tokens
     figure = make_subplots(rows=1, cols=2, subplot_titles=("Final-layer query norms (Eq. 4)", "Output token norms"))
     for col, norms in ((1, extraction.query_norms), (2, extraction.output_norms)):
         patches, registers = split_tokens(norms, prefix)
