@@ -6,15 +6,15 @@ weights and a temporary cache, and drives Debian's Chromium through Playwright. 
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, sync_playwright
+
+from streamlit_server import free_port, wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = Path("/usr/bin/chromium")
@@ -24,7 +24,6 @@ CHROMIUM_ARGS = [
 ]
 SHOTS = ROOT / "test-output" / "browser"
 LIMIT = 20
-STARTUP_S = 120
 RUN_S = 240  # the first run extracts the demo subset; the Embeddings page compiles UMAP once (~30 s)
 # Text each page shows once its script has finished.
 PAGES = {
@@ -35,26 +34,6 @@ PAGES = {
     "Metrics": "Clustering",
     "About the method": "tokens the CLS token attends to most",
 }
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as answer:
-                if answer.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    pytest.fail(f"streamlit did not answer on {url} within {STARTUP_S} s:\n{log.read_text()[-3000:]}")
 
 
 @pytest.fixture(scope="module")
