@@ -28,10 +28,13 @@ from torchvision.transforms import v2
 from itae.checkpoints import DEMO_LABEL, demo_weights_file, read_checkpoint, to_timm_state_dict
 from itae.devices import resolve_device
 from itae.errors import BackboneError, CheckpointError
+from itae.planted import Planting, plant_artifacts, planted_mask
 from itae.registry import REGISTRY, BackboneSpec, get_spec
 
-__all__ = ["Backbone", "load_backbone", "make_preprocess"]
+__all__ = ["PLANTED_SUFFIX", "Backbone", "load_backbone", "make_preprocess"]
 
+PLANTED_SUFFIX = " + planted artifacts"
+"""Ends the label of every model with planted artifacts, so that no output passes them off as real ones."""
 HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 """The weight files timm publishes on the hub, in the order timm prefers them."""
 
@@ -46,8 +49,9 @@ class Backbone:
     model : timm VisionTransformer in eval mode, on ``device``
     preprocess : callable, PIL image -> float tensor of shape (3, img_size, img_size)
     weights : where the weights came from (``"hub"``, ``"demo"``, a file path, or ``"random"``)
-    label : honest name for outputs (the demo weights say so)
+    label : honest name for outputs (the demo weights and planted artifacts say so)
     device : torch.device
+    planting : the planted register neuron (:mod:`itae.planted`), or None for the model as loaded
     """
 
     spec: BackboneSpec
@@ -56,6 +60,7 @@ class Backbone:
     weights: str
     label: str
     device: torch.device
+    planting: Planting | None = None
 
     @property
     def default_theta(self) -> float | None:
@@ -74,7 +79,7 @@ class Backbone:
     def identity(self) -> dict:
         """What makes this backbone's features differ from another's: used to key feature caches."""
         config = resolve_model_data_config(self.model)
-        return {
+        identity = {
             "model": self.spec.name,
             "timm_id": self.spec.timm_id,
             "weights": _weights_identity(self.weights),
@@ -83,6 +88,21 @@ class Backbone:
             "std": list(config["std"]),
             "interpolation": "bicubic",
         }
+        if self.planting is not None:
+            identity["planted"] = self.planting.identity()
+        return identity
+
+    def planted_mask(self, images: torch.Tensor) -> torch.Tensor:
+        """The planted artifacts of a preprocessed batch ``(B, 3, H, W)``: bool ``(B, T)``, CLS column False.
+
+        Raises
+        ------
+        BackboneError
+            If this backbone was loaded without ``planted=True``.
+        """
+        if self.planting is None:
+            raise BackboneError(f"{self.label} has no planted artifacts: load it with planted=True (--planted)")
+        return planted_mask(self.model, images.to(self.device))
 
 
 def _weights_identity(weights: str) -> str:
@@ -160,7 +180,7 @@ def _load_from_file(spec: BackboneSpec, model: nn.Module, path: str | Path) -> n
 
 
 def load_backbone(
-    name: str, weights: str | Path | None = None, device: str | torch.device | None = None
+    name: str, weights: str | Path | None = None, device: str | torch.device | None = None, planted: bool = False
 ) -> Backbone:
     """Load a registry model in eval mode.
 
@@ -171,6 +191,8 @@ def load_backbone(
         file path, ``"demo"`` (offline, DINOv2-S/14 only) or ``"random"`` (random initialisation, for
         tests and timing)
     device : None or ``"auto"`` picks CUDA, then MPS, then CPU (:func:`itae.devices.resolve_device`)
+    planted : plant synthetic artifacts whose positions are known (:func:`itae.planted.plant_artifacts`,
+        seed 0): a teaching and testing model, labelled as such
 
     Returns
     -------
@@ -196,7 +218,11 @@ def load_backbone(
         model = _load_from_file(spec, _create(spec, initialise=False), path)
         label = DEMO_LABEL if source == "demo" else spec.label
     model = model.eval().to(target)
-    return Backbone(spec, model, make_preprocess(model, spec.img_size), source, label, target)
+    preprocess = make_preprocess(model, spec.img_size)
+    planting = plant_artifacts(model, preprocess) if planted else None
+    if planted:
+        label += PLANTED_SUFFIX
+    return Backbone(spec, model, preprocess, source, label, target, planting)
 
 
 def _create(spec: BackboneSpec, initialise: bool) -> nn.Module:

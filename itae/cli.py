@@ -176,6 +176,9 @@ def _model_options(several: bool = False) -> argparse.ArgumentParser:
     group.add_argument("--weights", action="append" if several else "store", metavar="W",
                        help="demo, hub, random or a checkpoint file (default: demo where the model has "
                        "demo weights, else hub)." + (" Once for all models, or once per --model." if several else ""))
+    group.add_argument("--planted", action="store_true",
+                       help="plant synthetic artifacts whose positions are known (a teaching and testing model; "
+                       "every output says so) and score the detection against them")
     group.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
     group.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default %(default)s)")
     group.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",

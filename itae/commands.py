@@ -94,8 +94,8 @@ def _open_data(args, split: str | None = None) -> ImageDataset:
 
 def _load_backbone(model: str, weights: str | None, args) -> Backbone:
     weights = weights or default_weights(model)
-    _status(f"loading {model} ({weights} weights)")
-    return load_backbone(model, weights=weights, device=args.device)
+    _status(f"loading {model} ({weights} weights{', planting artifacts' if args.planted else ''})")
+    return load_backbone(model, weights=weights, device=args.device, planted=args.planted)
 
 
 def _extract(backbone: Backbone, dataset: ImageDataset, args) -> Extraction:
@@ -227,11 +227,12 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, args
     theta = choose_theta(extraction.query_norms, args.theta, backbone.default_theta)
     print(_theta_line(theta, extraction, args.rule))
     original = _protocol(extraction.features_original, extraction.labels, args, f"K-Means original ({model})")
+    result = _itae(extraction, theta, args.rule)
     if theta.value is None:
         itae = original  # identical features: the protocol would repeat itself exactly
     else:
-        features = _itae(extraction, theta, args.rule).features
-        itae = _protocol(features, extraction.labels, args, f"K-Means ITAE ({model})")
+        itae = _protocol(result.features, extraction.labels, args, f"K-Means ITAE ({model})")
+    planted = extraction.planted_mask is not None
     return {
         "model": model,
         "label": extraction.info.label,
@@ -249,6 +250,7 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, args
         "n_clusters": original.get("n_clusters"),
         "original": _metrics(original),
         "itae": _metrics(itae),
+        "planted_detection": extraction.detection_scores(result.artifact_mask).to_dict() if planted else None,
     }
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "query_norms",
     "cls_features",
     "check_model",
+    "block_input",
     "final_block_input",
     "final_block_qkv",
     "query_norms_from_queries",
@@ -84,13 +85,18 @@ def _check_images(images: torch.Tensor) -> None:
         raise ValueError(f"images must be a float tensor of shape [B, 3, H, W], got {shape}")
 
 
-def final_block_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """Run the embeddings and blocks ``0 .. L-2`` unmodified (fused attention): ``(B, 3, H, W) -> (B, T, C)``."""
+def block_input(model: nn.Module, images: torch.Tensor, index: int) -> torch.Tensor:
+    """Run the embeddings and blocks ``0 .. index-1`` unmodified (fused attention): ``(B, 3, H, W) -> (B, T, C)``."""
     x = model.patch_embed(images)
     x = model._pos_embed(x)
     x = model.patch_drop(x)
     x = model.norm_pre(x)
-    return model.blocks[:-1](x)
+    return model.blocks[:index](x)
+
+
+def final_block_input(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """The input of the final block: the embeddings and blocks ``0 .. L-2``, ``(B, 3, H, W) -> (B, T, C)``."""
+    return block_input(model, images, len(model.blocks) - 1)
 
 
 def final_block_qkv(block: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

