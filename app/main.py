@@ -5,9 +5,11 @@ load showed those in the sidebar until st.navigation replaced them.
 """
 import streamlit as st
 
+import place
 import state
 
 st.set_page_config(page_title="ITAE Lab", page_icon=":material/search:", layout="wide")
+place.restore()
 page = st.navigation(
     [
         st.Page("views/data_model.py", title="Data & model", icon=":material/dataset:", default=True),
@@ -18,6 +20,8 @@ page = st.navigation(
         st.Page("views/about.py", title="About the method", icon=":material/school:"),
     ]
 )
+place.show_notes()
 page.run()
 with st.sidebar:
     state.sidebar_status()
+place.write()

@@ -13,6 +13,7 @@ from matplotlib.ticker import FormatStrFormatter
 from PIL import Image, ImageDraw
 
 import state
+import threshold
 from itae.data import open_uploads
 from itae.extract import extract
 
@@ -174,7 +175,7 @@ def main() -> None:
     extraction = state.current_extraction()
     if extraction is None:
         return
-    theta, rule = state.theta_controls(extraction, "maps")
+    theta, rule = threshold.controls(extraction)
     heads = extraction.attention_original.shape[1]
     choice = st.selectbox("Head", ["mean over heads"] + [f"head {h}" for h in range(heads)], key="maps_head")
     head = None if choice.startswith("mean") else int(choice.split()[1])
