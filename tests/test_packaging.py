@@ -67,7 +67,7 @@ def test_the_wheel_ships_the_demo_data_and_the_dashboard(wheel):
         names = set(archive.namelist())
     assert "itae/assets/demo/fashion_mnist_demo.npz" in names and "itae/assets/README.md" in names
     assert len([n for n in names if re.fullmatch(r"itae/assets/demo/photos/\w+\.jpg", n)]) == 8
-    assert {"itae/app/main.py", "itae/app/state.py", "itae/app/pages/data_model.py",
+    assert {"itae/app/main.py", "itae/app/state.py", "itae/app/views/data_model.py",
             "itae/app/.streamlit/config.toml"} <= names
     assert {"itae/cli.py", "itae/data/sources.py"} <= names and not any(n.startswith("tests/") for n in names)
 

@@ -270,18 +270,39 @@ def file_dataset(store, entries, *, skipped, identity, title, labels_csv=None,
                         description=describe(title, len(entries), class_names, skipped))
 
 
-def _list_folder(root):
-    paths = []
+def _list_folder(root, allowed_roots=None):
+    """The files under ``root`` (relative POSIX paths), and the links refused for leading outside.
+
+    ``os.walk`` does not descend into linked folders; a linked file is kept only when it resolves
+    inside one of ``allowed_roots`` (every linked file is kept when that is None).
+    """
+    paths, refused = [], []
     for folder, subfolders, files in os.walk(root):
         subfolders[:] = [d for d in subfolders if not d.startswith(".") and d not in _JUNK_NAMES]
         relative = Path(folder).relative_to(root)
-        paths += [(relative / name).as_posix() for name in files]
-    return paths
+        for name in files:
+            if allowed_roots is not None and not _stays_inside(Path(folder) / name, allowed_roots):
+                # The target is not named: where a link points is what a visitor should not learn.
+                refused.append(SkippedImage((relative / name).as_posix(),
+                                            "refused: a link to a file outside the allowed folders"))
+            else:
+                paths.append((relative / name).as_posix())
+    return paths, refused
 
 
-def open_folder(root, labels_csv, split):
+def _stays_inside(path, roots):
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    return any(target.is_relative_to(root) for root in roots)
+
+
+def open_folder(root, labels_csv, split, allowed_roots=None):
+    """A folder of images; with ``allowed_roots``, files linked from outside them are skipped."""
     where = f"folder {str(root)!r}"
-    entries, skipped, split_dir = _layout(_list_folder(root), split, where)
+    paths, refused = _list_folder(root, allowed_roots)
+    entries, skipped, split_dir = _layout(paths, split, where)
+    skipped = refused + skipped
     title = f"Folder '{root.name}'" + (f" {split_dir}/" if split_dir else "")
     return file_dataset(DirStore(root), entries, skipped=skipped, labels_csv=labels_csv,
                          identity=["folder", str(root), split], title=title)

@@ -21,7 +21,7 @@ from itae.data.dataset import ImageDataset, SkippedImage, describe
 from itae.data.files import BytesStore, DirStore, file_dataset, open_folder, open_zip
 from itae.errors import DataSourceError
 from itae.resources import bundled
-from itae.settings import data_root
+from itae.settings import data_root, resolve_allowed_path
 
 __all__ = ["SOURCES", "SourceSpec", "get_source", "open_source"]
 
@@ -60,7 +60,7 @@ def get_source(name: str) -> SourceSpec:
         raise DataSourceError(f"unknown source {name!r}; built-in sources: {', '.join(SOURCES)}") from None
 
 
-def open_source(spec, root=None, labels_csv=None, split="test", download=False):
+def open_source(spec, root=None, labels_csv=None, split="test", download=False, allowed_roots=None):
     """Open a built-in dataset, a folder of images or a zip of images.
 
     Parameters
@@ -78,6 +78,11 @@ def open_source(spec, root=None, labels_csv=None, split="test", download=False):
         The paper evaluates on "test"; k-NN also needs "train".
     download : bool
         Let torchvision download CIFAR or STL-10 (or Fashion-MNIST) into `root`.
+    allowed_roots : sequence of str or os.PathLike, optional
+        For a server opening what its visitors typed: a path `spec`, a `root` and a `labels_csv`
+        path must then resolve inside one of these folders (see
+        :func:`itae.settings.resolve_allowed_path`; an empty sequence refuses every path), and the
+        files of a folder that link to outside them are skipped. None, the default, trusts every path.
 
     Returns
     -------
@@ -87,8 +92,13 @@ def open_source(spec, root=None, labels_csv=None, split="test", download=False):
     ------
     DataSourceError
         If the source is unknown, missing, empty or unreadable; the message says what
-        to do.
+        to do. ``PathNotAllowedError``, a DataSourceError, when a path leaves `allowed_roots`.
     """
+    if allowed_roots is not None:
+        allowed_roots = tuple(Path(folder).expanduser().resolve() for folder in allowed_roots)
+        root = None if root is None else resolve_allowed_path(root, allowed_roots)
+        if labels_csv is not None and not isinstance(labels_csv, bytes):
+            labels_csv = resolve_allowed_path(labels_csv, allowed_roots)
     if split not in SPLITS:
         raise ValueError(f"split must be 'test' or 'train', got {split!r}")
     if isinstance(spec, str) and spec in SOURCES:
@@ -101,9 +111,9 @@ def open_source(spec, root=None, labels_csv=None, split="test", download=False):
         return source.opener(root, split, download)
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"spec must be a source name or a path, got {type(spec).__name__}")
-    path = Path(spec).expanduser()
+    path = Path(spec).expanduser() if allowed_roots is None else resolve_allowed_path(spec, allowed_roots)
     if path.is_dir():
-        return open_folder(path.resolve(), labels_csv, split)
+        return open_folder(path.resolve(), labels_csv, split, allowed_roots)
     if path.is_file() and zipfile.is_zipfile(path):
         return open_zip(path.resolve(), labels_csv, split)
     if path.is_file():

@@ -1,13 +1,19 @@
 """Attention maps: the paper's Fig. 4, the CLS attention over the patches before and after ITAE."""
 import hashlib
+import io
 
 import numpy as np
 import pandas as pd
 import streamlit as st
 from matplotlib import colormaps
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.ticker import FormatStrFormatter
 from PIL import Image, ImageDraw
 
 import state
+import threshold
 from itae.data import open_uploads
 from itae.extract import extract
 
@@ -15,6 +21,9 @@ SIDE = 224  # the model sees a plain 224×224 resize; the maps are drawn on that
 ALPHA = 0.6
 MARK = (0, 255, 255)
 GALLERY_DEFAULT = 4
+ATTENTION_MAP, DIFFERENCE_MAP = "inferno", "RdBu_r"
+BAR_DPI = 200
+BAR_TICKS = 3
 
 
 def head_map(attention: np.ndarray, head: int | None, prefix: int, grid: tuple[int, int]) -> np.ndarray:
@@ -40,21 +49,45 @@ def mark_artifacts(image: Image.Image, artifact_mask: np.ndarray, prefix: int, g
     return image
 
 
+def scales(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
+    """(top of the shared attention scale, half-width of the difference's symmetric scale).
+
+    Where ITAE changed nothing the difference is drawn on the attention's own scale, all white, rather
+    than on a scale of rounding noise.
+    """
+    top = max(float(before.max()), float(after.max()), 1e-12)
+    spread = float(np.abs(after - before).max())
+    return top, spread if spread > 0 else top
+
+
 def panels(image: Image.Image, before: np.ndarray, after: np.ndarray, artifact_mask: np.ndarray, prefix: int, grid) -> list[Image.Image]:
     """Input, original map, ITAE map (one shared scale) and their difference, overlaid on the input."""
     base = image.resize((SIDE, SIDE), Image.BICUBIC)
-    scale = max(float(before.max()), float(after.max()), 1e-12)
-    difference = after - before
-    spread = max(float(np.abs(difference).max()), 1e-12)
-    original = Image.blend(base, colour(before / scale, "inferno"), ALPHA)
-    attenuated = Image.blend(base, colour(after / scale, "inferno"), ALPHA)
-    changed = Image.blend(base, colour(difference / (2 * spread) + 0.5, "RdBu_r"), ALPHA)
+    top, spread = scales(before, after)
+    original = Image.blend(base, colour(before / top, ATTENTION_MAP), ALPHA)
+    attenuated = Image.blend(base, colour(after / top, ATTENTION_MAP), ALPHA)
+    changed = Image.blend(base, colour((after - before) / (2 * spread) + 0.5, DIFFERENCE_MAP), ALPHA)
     return [
         mark_artifacts(base.copy(), artifact_mask, prefix, grid),
         original,
         attenuated,
         changed,
     ]
+
+
+@st.cache_data(max_entries=256, show_spinner=False)
+def colour_bar(cmap: str, low: float, high: float, label: str) -> bytes:
+    """A horizontal colour bar as wide as a map, from ``low`` to ``high`` with a few ticks, as PNG bytes."""
+    figure = Figure(figsize=(SIDE / 100, 0.5), dpi=BAR_DPI)
+    axis = figure.add_axes((0.1, 0.55, 0.8, 0.38))  # room below for the ticks and label, beside for the end ticks
+    bar = figure.colorbar(ScalarMappable(Normalize(low, high), cmap), cax=axis, orientation="horizontal")
+    bar.set_ticks(np.linspace(low, high, BAR_TICKS))
+    bar.ax.xaxis.set_major_formatter(FormatStrFormatter("%.3g"))
+    bar.ax.tick_params(labelsize=6, length=2, pad=1)
+    bar.set_label(label, fontsize=6, labelpad=1)
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=BAR_DPI)
+    return buffer.getvalue()
 
 
 def register_table(query_norms, mask, before, after, registers: int) -> pd.DataFrame:
@@ -79,7 +112,13 @@ def show_image(title: str, image: Image.Image, extraction, result, row: int, hea
     count = int(mask.sum())
     st.markdown(f"**{title}** · {count} artifact token(s) (outlined)")
     captions = ["input (artifacts outlined)", "original CLS attention", "ITAE CLS attention", "difference ITAE − original (blue: less)"]
-    st.image(panels(image, before, after, mask, prefix, grid), caption=captions, width=SIDE)
+    top, spread = scales(before, after)
+    shared = colour_bar(ATTENTION_MAP, 0.0, top, "CLS attention")
+    bars = [None, shared, shared, colour_bar(DIFFERENCE_MAP, -spread, spread, "change in CLS attention")]
+    for column, panel, caption, bar in zip(st.columns(4), panels(image, before, after, mask, prefix, grid), captions, bars, strict=True):
+        column.image(panel, caption=caption, width=SIDE)
+        if bar is not None:
+            column.image(bar, width=SIDE)
     if info.num_registers:
         st.caption("Registers are not in the maps; their values (mean over heads):")
         table = register_table(extraction.query_norms[row], mask, extraction.attention_original[row], result.attention[row], info.num_registers)
@@ -130,12 +169,13 @@ def main() -> None:
     st.title("Attention maps")
     st.caption(
         "The paper's Fig. 4: how much the CLS token attends to each patch in the final block, before and after ITAE. "
-        "Patch tokens only, on the model's 224×224 input; original and ITAE share one colour scale."
+        "Patch tokens only, on the model's 224×224 input; original and ITAE share one colour scale, the difference "
+        "has its own, centred on zero. The bars give the attention itself (a share of the CLS token's attention)."
     )
     extraction = state.current_extraction()
     if extraction is None:
         return
-    theta, rule = state.theta_controls(extraction, "maps")
+    theta, rule = threshold.controls(extraction)
     heads = extraction.attention_original.shape[1]
     choice = st.selectbox("Head", ["mean over heads"] + [f"head {h}" for h in range(heads)], key="maps_head")
     head = None if choice.startswith("mean") else int(choice.split()[1])

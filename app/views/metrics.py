@@ -10,6 +10,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import state
+import threshold
 from itae.choices import METRICS, RULES
 from itae.evaluate import cluster_protocol, knn_classify, stratified_split
 from itae.theta import parse_theta_range, theta_sweep
@@ -86,7 +87,7 @@ def sweep_figure(sweep) -> go.Figure:
 
 
 def default_range(extraction) -> str:
-    low, high = state.theta_range(extraction)
+    low, high = threshold.theta_range(extraction)
     step = max(round((high - low) / SWEEP_POINTS, 2), 0.01)
     return f"{low:.2f}:{high:.2f}:{step:.2f}"
 
@@ -156,7 +157,7 @@ def main() -> None:
     extraction = state.current_extraction()
     if extraction is None:
         return
-    theta, rule = state.theta_controls(extraction, "metrics")
+    theta, rule = threshold.controls(extraction)
     result = state.itae_result(extraction, theta, rule)
     columns = st.columns(4)
     default_k = state.default_clusters(extraction)

@@ -4,6 +4,7 @@ import pandas as pd
 import streamlit as st
 
 import state
+import threshold
 
 TOP_TOKENS = 5
 
@@ -50,7 +51,7 @@ def token_name(token: int, registers: int, cols: int) -> str:
 def worked_example(extraction) -> None:
     info = extraction.info
     registers, (rows, cols) = info.num_registers, info.grid_size
-    theta, rule = state.current_theta(), state.current_rule()
+    theta, rule = threshold.current_theta(), threshold.current_rule()
     row = st.selectbox("Image", range(len(extraction)), format_func=lambda r: extraction.names[r], key="about_row")
     norms = extraction.query_norms[row, 1:]
     result = state.itae_result(extraction, theta, rule)

@@ -5,75 +5,126 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import state
+from itae import settings
 from itae.choices import SPLITS
 from itae.data import SOURCES
 from itae.devices import available_devices
 from itae.registry import REGISTRY
 
-OTHER_SOURCES = {"path": "A folder or .zip on this server", "upload": "Upload images or one .zip"}
 WEIGHTS = {"demo": "offline demo", "hub": "download from the hub", "file": "local checkpoint file", "random": "random (no training)"}
+SERVER_FOLDERS_OFF = (
+    "Folders on this server are switched off. Whoever runs the server can allow some with the "
+    f"`{settings.ALLOWED_ROOTS_VARIABLE}` environment variable (the README's *Hosting* section says how)."
+)
 THUMBNAILS = 30
 THUMBNAIL_SIDE = 96
+
+# Each widget starts at the applied selection's value through its own value=/index=, never through a
+# session-state write before it exists: the browser redraws a page's widgets from their own defaults
+# when a navigation lands while it is still drawing them, and a number box whose default was its
+# minimum showed 1 while the selection said 200. persist_state keeps an edit until it is applied,
+# also across pages.
+KEEP_EDITS = "session"
 
 
 def device_options() -> list[str]:
     return ["auto", *available_devices()]
 
 
-def bind(key: str, value) -> None:
-    """Start a widget at the applied selection's value; the user's edits then persist until applied."""
-    st.session_state.setdefault(key, value)
+def index_of(options: list[str], value: str, fallback: int = 0) -> int:
+    return options.index(value) if value in options else fallback
+
+
+def source_options() -> dict[str, str]:
+    """Source name -> description: the built-in sources, server folders where the operator allows them, uploads."""
+    options = {name: source.description for name, source in SOURCES.items()}
+    if settings.allowed_roots():
+        options["path"] = "A folder or .zip on this server"
+    options["upload"] = "Upload images or one .zip"
+    return options
+
+
+def inside(roots) -> str:
+    return " or ".join(f"`{root}`" for root in roots)
 
 
 def source_widgets(current: state.Selection) -> dict:
-    labels = {**{name: source.description for name, source in SOURCES.items()}, **OTHER_SOURCES}
-    bind("data_source", current.source)
-    source = st.selectbox("Source", list(labels), format_func=lambda k: f"{k} — {labels[k]}", key="data_source")
+    labels, roots = source_options(), settings.allowed_roots()
+    names = list(labels)
+    source = st.selectbox(
+        "Source", names, index=index_of(names, current.source), format_func=lambda k: f"{k} — {labels[k]}",
+        key="data_source", persist_state=KEEP_EDITS,
+    )
+    if not roots:
+        st.caption(SERVER_FOLDERS_OFF)
     choice = {"source": source}
     built_in = SOURCES.get(source)
     if built_in is not None and built_in.needs_root:
-        bind("data_root", current.root)
-        bind("data_download", current.download)
-        choice["root"] = st.text_input("Root folder (empty: the default)", key="data_root", help="Where the dataset lives or is downloaded to.")
-        choice["download"] = st.checkbox("Download if missing (needs a network)", key="data_download")
+        if roots:
+            choice["root"] = st.text_input(
+                "Root folder (empty: the server's data folder)", value=current.root, key="data_root", persist_state=KEEP_EDITS,
+                help=f"Where the dataset lives or is downloaded to, inside {inside(roots)}.",
+            )
+        choice["download"] = st.checkbox(
+            "Download if missing (needs a network)", value=current.download, key="data_download", persist_state=KEEP_EDITS,
+        )
     if source == "path":
-        bind("data_path", current.path)
-        bind("data_labels_csv", current.labels_csv)
-        choice["path"] = st.text_input("Folder or .zip on the server", key="data_path", help="One subfolder per class, or flat with a labels CSV.")
-        choice["labels_csv"] = st.text_input("Labels CSV on the server (optional: filename,label rows)", key="data_labels_csv")
+        choice["path"] = st.text_input(
+            "Folder or .zip on the server", value=current.path, key="data_path", persist_state=KEEP_EDITS,
+            help=f"Inside {inside(roots)}; a relative path starts in `{roots[0]}`. One subfolder per class, or flat with a labels CSV.",
+        )
+        choice["labels_csv"] = st.text_input(
+            "Labels CSV on the server (optional: filename,label rows)", value=current.labels_csv, key="data_labels_csv", persist_state=KEEP_EDITS,
+        )
     if source == "upload":
         st.file_uploader("Images, or one .zip of images", accept_multiple_files=True, key="data_files")
         # Any file type: the library refuses what is not a labels CSV with a message, instead of the
         # upload widget dropping it unnoticed.
         st.file_uploader("Labels CSV (optional: filename,label rows)", key="data_labels_file")
     if source == "path" or (built_in is not None and built_in.has_train_split):
-        bind("data_split", current.split)
-        choice["split"] = st.radio("Split", SPLITS, key="data_split", horizontal=True)
-    bind("data_limit", current.limit)
-    bind("data_seed", current.seed)
+        choice["split"] = st.radio(
+            "Split", SPLITS, index=index_of(list(SPLITS), current.split), key="data_split", horizontal=True, persist_state=KEEP_EDITS,
+        )
     left, right = st.columns(2)
-    choice["limit"] = int(left.number_input("Subset size (class-balanced)", min_value=1, max_value=100_000, step=50, key="data_limit"))
-    choice["seed"] = int(right.number_input("Subset seed", min_value=0, step=1, key="data_seed"))
+    choice["limit"] = int(left.number_input(
+        "Subset size (class-balanced)", min_value=1, max_value=state.MAX_SUBSET_SIZE, value=current.limit, step=50,
+        key="data_limit", persist_state=KEEP_EDITS,
+    ))
+    choice["seed"] = int(right.number_input(
+        "Subset seed", min_value=0, max_value=state.MAX_SEED, value=current.seed, step=1, key="data_seed", persist_state=KEEP_EDITS,
+    ))
     return choice
 
 
+def weight_options(model: str, current: state.Selection) -> list[str]:
+    """Demo weights where the model has them; a checkpoint file where server folders are allowed (or the operator set one)."""
+    files = bool(settings.allowed_roots()) or current.weights not in state.NAMED_WEIGHTS
+    return [w for w in WEIGHTS if (w != "demo" or REGISTRY[model].demo_weights) and (w != "file" or files)]
+
+
 def model_widgets(current: state.Selection) -> dict:
-    bind("model_name", current.model)
-    model = st.selectbox("Model", list(REGISTRY), format_func=lambda name: f"{name} — {REGISTRY[name].label}", key="model_name")
-    options = [w for w in WEIGHTS if w != "demo" or REGISTRY[model].demo_weights]
-    applied = current.weights if current.weights in WEIGHTS else "file"
-    bind("model_weights", applied if applied in options else "hub")
-    if st.session_state.model_weights not in options:
-        st.session_state.model_weights = "hub"
-    weights = st.radio("Weights", options, format_func=WEIGHTS.get, key="model_weights", horizontal=True)
+    names = list(REGISTRY)
+    model = st.selectbox(
+        "Model", names, index=index_of(names, current.model), format_func=lambda name: f"{name} — {REGISTRY[name].label}",
+        key="model_name", persist_state=KEEP_EDITS,
+    )
+    options = weight_options(model, current)
+    applied = current.weights if current.weights in state.NAMED_WEIGHTS else "file"
+    weights = st.radio(
+        "Weights", options, index=index_of(options, applied, options.index("hub")), format_func=WEIGHTS.get,
+        key="model_weights", horizontal=True, persist_state=KEEP_EDITS,
+    )
     if weights == "file":
-        bind("model_weights_path", "" if current.weights in WEIGHTS else current.weights)
-        weights = st.text_input("Checkpoint file (official DINOv2 .pth, timm or Hugging Face layout)", key="model_weights_path").strip()
-    bind("model_device", current.device if current.device in device_options() else "auto")
-    bind("model_batch", current.batch_size)
+        weights = st.text_input(
+            "Checkpoint file (official DINOv2 .pth, timm or Hugging Face layout)", key="model_weights_path", persist_state=KEEP_EDITS,
+            value="" if current.weights in state.NAMED_WEIGHTS else current.weights,
+        ).strip()
+    devices = device_options()
     left, right = st.columns(2)
-    device = left.selectbox("Device", device_options(), key="model_device")
-    batch_size = int(right.number_input("Batch size", min_value=1, max_value=1024, key="model_batch"))
+    device = left.selectbox("Device", devices, index=index_of(devices, current.device), key="model_device", persist_state=KEEP_EDITS)
+    batch_size = int(right.number_input(
+        "Batch size", min_value=1, max_value=1024, value=current.batch_size, key="model_batch", persist_state=KEEP_EDITS,
+    ))
     return {"model": model, "weights": weights, "device": device, "batch_size": batch_size}
 
 

@@ -4,6 +4,7 @@ import plotly.graph_objects as go
 import streamlit as st
 
 import state
+import threshold
 from itae.embed import compile_umap, umap_embedding as compute_umap
 from itae.evaluate import kmeans, l2_normalize
 
@@ -114,7 +115,7 @@ def main() -> None:
     if len(extraction) < MIN_IMAGES:
         st.warning(f"UMAP needs at least {MIN_IMAGES} images; this set has {len(extraction)}.")
         return
-    theta, rule = state.theta_controls(extraction, "embeddings")
+    theta, rule = threshold.controls(extraction)
     result = state.itae_result(extraction, theta, rule)
     options = COLOURINGS if extraction.labels is not None else COLOURINGS[1:]
     columns = st.columns(4)

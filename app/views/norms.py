@@ -6,14 +6,14 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 import state
+import threshold
 
 BINS = 80
-FRAGMENT = "norms-theta"
 NO_ARTIFACT_ADVICE = (
     "**ITAE has nothing to remove in this model.** Its final-layer query norms form one group, with no separate "
-    "artifact tokens (the paper, too, left DINOv2 ViT-S/14 without registers unmodified), so the θ below starts "
-    "under every norm and selects nothing. Moving θ still shows what attenuating would do, but the tokens it "
-    "picks are normal ones. To see artifacts, pick a DINOv2 ViT-B/14, ViT-L/14 or ViT-g/14 (`dinov2_vitb14`, "
+    "artifact tokens (the paper, too, left DINOv2 ViT-S/14 without registers unmodified). Moving θ still shows "
+    "what attenuating would do, but the tokens it picks are normal ones. To see artifacts, pick a DINOv2 "
+    "ViT-B/14, ViT-L/14 or ViT-g/14 (`dinov2_vitb14`, "
     "`dinov2_vitl14`, `dinov2_vitg14`) or a model with registers (`dinov2_vits14_reg`, …) with hub weights on a "
     "networked machine, on the **Data & model** page."
 )
@@ -85,10 +85,12 @@ def show_counts(extraction, theta: float, rule: str, mask: np.ndarray) -> None:
     st.markdown(f"**{int(per_image.sum()):,} artifact tokens** at θ = {theta:.2f} under the *{rule}* rule ({per_image.mean():.2f} per image).")
 
 
-@st.fragment(key=FRAGMENT)
 def theta_area(extraction) -> None:
-    """The θ slider, Fig. 2 and Fig. 3: a θ change reruns only this part and the sidebar."""
-    theta, rule = state.theta_controls(extraction, "norms", rerun=[FRAGMENT, state.SIDEBAR_FRAGMENT])
+    """The θ controls, the counts, Fig. 2 and Fig. 3 at the θ and rule they settled on."""
+    theta, rule = threshold.controls(extraction)
+    reason = threshold.start_reason()
+    if reason:
+        st.caption(reason)
     log_y = st.toggle("Logarithmic y axis", key="norms_log_y")
     mask = extraction.artifact_mask(theta, rule)
     show_counts(extraction, theta, rule, mask)
@@ -101,13 +103,13 @@ def theta_area(extraction) -> None:
 
 
 def show_verdict(extraction) -> None:
-    found = state.verdict(extraction)
+    found = threshold.verdict(extraction)
     if found.bimodal:
         st.success(
             f"{found.message} Suggested θ = {found.theta:.2f}: the {found.minority_side} side holds "
             f"{found.minority_fraction:.1%} of the tokens."
         )
-        st.button(f"Apply the suggested θ = {found.theta:.2f} (minority rule)", on_click=state.set_theta, args=(found.theta, "minority"))
+        st.button(f"Apply the suggested θ = {found.theta:.2f} (minority rule)", on_click=threshold.set_theta, args=(found.theta, "minority"))
     else:
         st.warning(NO_ARTIFACT_ADVICE)
     with st.expander("Details of the bimodality test"):

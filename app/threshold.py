@@ -1,0 +1,176 @@
+"""θ and the rule of this session: where they start, the widgets that move them, and when a move counts.
+
+The pages compute with one θ and rule, ``current_theta()`` and ``current_rule()``. The slider, the
+number box beside it and the rule picker live in a fragment: a change reruns only that fragment, which
+draws the three widgets and computes nothing. The change counts, and the page reruns once with it, when
+the widgets have held still for ``SETTLE_S``: a newer change arriving meanwhile (a held arrow key sends
+one per step) stops the waiting run at its next Streamlit call, so only the last value is computed.
+
+Where θ starts on a new extraction is the library's decision, ``itae.theta.choose_theta``.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import streamlit as st
+
+from itae.choices import RULES
+from itae.extract import Extraction
+from itae.theta import BimodalityVerdict, ThetaChoice, choose_theta
+
+__all__ = [
+    "NUMBER",
+    "RULE",
+    "SETTLE_S",
+    "SLIDER",
+    "THETA_STEP",
+    "choice",
+    "controls",
+    "current_rule",
+    "current_theta",
+    "ensure",
+    "for_link",
+    "request",
+    "set_theta",
+    "start_reason",
+    "theta_range",
+    "verdict",
+]
+
+THETA_STEP = 0.01
+SETTLE_S = 0.4
+SLIDER, NUMBER, RULE = "theta_slider", "theta_number", "rule_radio"
+ORIGIN_TEXT = {"given": "the link's θ", "paper": "the paper's θ for this model", "auto": "the bimodality test's suggestion"}
+
+
+@st.cache_data(max_entries=32, show_spinner="Testing the norms for bimodality…")
+def _choice(key: str, requested: float | None, default: float | None, _norms) -> ThetaChoice:
+    return choose_theta(_norms, requested, default)
+
+
+def choice(extraction: Extraction, requested: float | None = None) -> ThetaChoice:
+    """``choose_theta`` on the extraction's query norms, cached per extraction and request."""
+    return _choice(extraction.info.key, requested, extraction.info.default_theta, extraction.query_norms)
+
+
+def verdict(extraction: Extraction) -> BimodalityVerdict:
+    """The bimodality test of the query norms that the θ decision made."""
+    return choice(extraction).verdict
+
+
+def theta_range(extraction: Extraction) -> tuple[float, float]:
+    """Slider bounds: the non-CLS query norms' span on the slider's grid, one step beyond each end.
+
+    The model's starting θ widens it where it lies outside. Any θ beyond an end splits the tokens
+    exactly as that end does, so a θ from a link is clamped to the range.
+    """
+    norms = extraction.query_norms[:, 1:]
+    low = math.floor(float(norms.min()) / THETA_STEP) * THETA_STEP - THETA_STEP
+    high = math.ceil(float(norms.max()) / THETA_STEP) * THETA_STEP + THETA_STEP
+    start = choice(extraction).value
+    if start is not None:
+        low, high = min(low, start), max(high, start)
+    return round(low, 2), round(high, 2)
+
+
+def request(theta: float | None, rule: str | None) -> None:
+    """Start the next extraction at this θ (None: where the library decides) and rule (None: minority)."""
+    st.session_state.requested_theta = (theta, rule)
+
+
+def for_link() -> tuple[float | None, str | None]:
+    """θ and rule for the URL: the current ones, or before the first extraction what was requested."""
+    if "theta_for" in st.session_state:
+        return current_theta(), current_rule()
+    return st.session_state.get("requested_theta", (None, None))
+
+
+def ensure(extraction: Extraction) -> None:
+    """On a new extraction, start θ and the rule where the library decides, or where a link asked."""
+    key = extraction.info.key
+    if st.session_state.get("theta_for") == key:
+        return
+    requested_theta, requested_rule = st.session_state.pop("requested_theta", (None, None))
+    decided = choice(extraction, requested_theta)
+    low, high = theta_range(extraction)
+    # No θ means no attenuation: a θ below every norm selects nothing under the minority rule.
+    start = low if decided.value is None else min(max(decided.value, low), high)
+    st.session_state.theta_start = (decided, start)
+    st.session_state.theta_for = key
+    set_theta(start, requested_rule or "minority")
+
+
+def current_theta() -> float:
+    return float(st.session_state.get("theta", 3.0))
+
+
+def current_rule() -> str:
+    return st.session_state.get("rule", "minority")
+
+
+def set_theta(theta: float, rule: str | None = None) -> None:
+    """Set θ (and the rule) and the widgets with them; from a callback, or in a run before the widgets."""
+    st.session_state.theta = round(float(theta), 2)
+    if rule is not None:
+        st.session_state.rule = rule
+    st.session_state[SLIDER] = st.session_state[NUMBER] = current_theta()
+    st.session_state[RULE] = current_rule()
+
+
+def start_reason() -> str | None:
+    """Why θ started where it did on the current extraction, in one or two sentences; None before one."""
+    started = st.session_state.get("theta_start")
+    if started is None:
+        return None
+    decided, start = started
+    if decided.value is None:
+        return f"θ started below every norm, so that nothing is attenuated. {decided.verdict.message}"
+    reason = f"θ started at {decided.value:.2f}, {ORIGIN_TEXT[decided.origin]}"
+    if start != decided.value:
+        reason += f", shown as {start:.2f}, the slider's end, which splits the tokens the same way"
+    if not decided.verdict.bimodal:
+        reason += f". {decided.verdict.message}"
+    return reason + "."
+
+
+def controls(extraction: Extraction) -> tuple[float, str]:
+    """The θ slider, number box and rule picker; returns the θ and rule the page computes with."""
+    _widgets(*theta_range(extraction))
+    return current_theta(), current_rule()
+
+
+@st.fragment
+def _widgets(low: float, high: float) -> None:
+    # The widgets take their values from session state only (set_theta), and persist_state keeps those
+    # when a page without them runs, so that the browser is sent them again whenever it redraws one.
+    left, middle, right = st.columns([4, 1, 3], vertical_alignment="bottom")
+    left.slider(
+        "θ (query-norm threshold)", min_value=low, max_value=high, step=THETA_STEP, key=SLIDER,
+        on_change=_follow, args=(SLIDER, NUMBER), persist_state="session",
+        help="Non-CLS tokens with query norm ≤ θ form L_a, the others L_b (Eq. 2).",
+    )
+    middle.number_input(
+        "θ exactly", min_value=low, max_value=high, step=THETA_STEP, format="%.2f", key=NUMBER,
+        on_change=_follow, args=(NUMBER, SLIDER), persist_state="session",
+    )
+    right.radio(
+        "Artifact rule", RULES, key=RULE, horizontal=True, persist_state="session",
+        help="minority: the smaller of L_a and L_b (Eq. 3); below: L_a (the θ sweep of Sec. 5.2); above: L_b.",
+    )
+    moved = (round(float(st.session_state[SLIDER]), 2), st.session_state[RULE])
+    if moved == (current_theta(), current_rule()):
+        return
+    time.sleep(SETTLE_S)
+    st.empty()  # a Streamlit call: a change that arrived during the wait stops this run here
+    st.session_state.theta, st.session_state.rule = moved  # the widgets already show it
+    st.rerun(scope="app")
+
+
+def _follow(changed: str, other: str) -> None:
+    """Callback: the other θ widget shows the changed one's value, on the slider's grid.
+
+    The changed widget itself is left alone: writing its key would send the browser the value of this
+    request back, undoing the steps the user has taken since.
+    """
+    st.session_state[other] = round(float(st.session_state[changed]), 2)
