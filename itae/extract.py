@@ -22,13 +22,25 @@ from torch.utils.data import DataLoader, Dataset
 
 from itae import engine
 from itae.backbones import Backbone
+from itae.choices import RULES
 from itae.data import ImageDataset, SkippedImage
 from itae.errors import StaleCacheError, UnreadableImage
 from itae.fileio import atomic_path
 
-__all__ = ["Extraction", "ExtractionInfo", "FinalBlockCache", "ItaeResult", "extract", "extract_cached", "cache_key"]
+__all__ = [
+    "PRECISIONS",
+    "Extraction",
+    "ExtractionInfo",
+    "FinalBlockCache",
+    "ItaeResult",
+    "cache_key",
+    "extract",
+    "extract_cached",
+    "resolve_precision",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the precision is part of the cache key; the cache records the dtypes of its state
+PRECISIONS = ("auto", "bf16", "fp32")
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
 
@@ -44,13 +56,13 @@ class ExtractionInfo:
     timm_id : the timm architecture and pretrained tag
     data : the dataset's one-line description
     data_fingerprint : the dataset's fingerprint
-    key : ``cache_key`` of the backbone's identity and the data fingerprint
+    key : ``cache_key`` of the backbone's identity, the data fingerprint and the precision
     class_names : tuple of str, or None for unlabelled data
     num_prefix_tokens : CLS plus registers
     num_registers : register tokens after CLS
     grid_size : (rows, cols) of the patch grid
     default_theta : the paper's θ for the model, or None
-    precision : ``"bf16"`` or ``"fp32"``
+    precision : ``"bf16"`` (the backbone ran under bf16 autocast) or ``"fp32"``
     preprocessing : the backbone's identity (model, weights, input size, mean, std, interpolation)
     theta, rule : the setting of the ``features_itae`` saved with it; None when there are none
     """
@@ -93,34 +105,44 @@ class ExtractionInfo:
 class FinalBlockCache:
     """The per-image inputs of the final block's CLS output (see ``engine.FinalBlockState``).
 
+    Under bf16 autocast the CLS logits and the values are bf16 matmul outputs. The cache keeps their exact
+    values and their dtypes, so that a re-evaluation runs the same operations on the same dtypes as the
+    forward pass it replaces.
+
     Attributes
     ----------
     cls_input : ndarray of shape (N, C), float32
-    cls_logits : ndarray of shape (N, H, T), float32
-    values : ndarray of shape (N, H, T, d); float32, or int16 holding bfloat16 bits when
-        extraction ran under bf16 autocast (``values_dtype`` says which)
-    values_dtype : "float32" or "bfloat16"
+    cls_logits : ndarray of shape (N, H, T), float32 (it holds bf16 values exactly)
+    values : ndarray of shape (N, H, T, d); float32, or int16 holding the bits of bfloat16 values (half the
+        memory of float32)
+    dtypes : dict
+        The torch dtype of each field in the forward pass, by name: ``{"cls_input": "float32",
+        "cls_logits": "bfloat16", "values": "bfloat16"}`` under bf16 autocast.
     """
 
     cls_input: np.ndarray
     cls_logits: np.ndarray
     values: np.ndarray
-    values_dtype: str
+    dtypes: dict[str, str]
 
     def nbytes_per_image(self) -> int:
         n = len(self.cls_input)
         return (self.cls_input.nbytes + self.cls_logits.nbytes + self.values.nbytes) // max(n, 1)
 
     def state(self, rows: slice, query_norms: np.ndarray, device: torch.device) -> engine.FinalBlockState:
+        """The engine's state of the images ``rows``, in the dtypes of the forward pass, on ``device``."""
         values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
-        if self.values_dtype == "bfloat16":
+        if self.dtypes["values"] == "bfloat16":
             values = values.view(torch.bfloat16)
         return engine.FinalBlockState(
-            cls_input=torch.from_numpy(self.cls_input[rows]).to(device),
-            cls_logits=torch.from_numpy(self.cls_logits[rows]).to(device),
+            cls_input=self._tensor("cls_input", rows, device),
+            cls_logits=self._tensor("cls_logits", rows, device),
             values=values.to(device),
             query_norms=torch.from_numpy(query_norms[rows]).to(device),
         )
+
+    def _tensor(self, name: str, rows: slice, device: torch.device) -> torch.Tensor:
+        return torch.from_numpy(getattr(self, name)[rows]).to(device, getattr(torch, self.dtypes[name]))
 
 
 @dataclass
@@ -129,13 +151,14 @@ class ItaeResult:
 
     Attributes
     ----------
-    theta, rule : the setting
-    features : ndarray of shape (N, C), not L2-normalised
+    theta, rule : the setting; ``theta`` None means no attenuation
+    features : ndarray of shape (N, C), not L2-normalised; an image without artifacts has its original
+        features, bit for bit
     attention : ndarray of shape (N, H, T), the softmax CLS row per head
     artifact_mask : ndarray of bool, shape (N, T)
     """
 
-    theta: float
+    theta: float | None
     rule: str
     features: np.ndarray
     attention: np.ndarray
@@ -181,7 +204,7 @@ class Extraction:
 
     def attach(self, backbone: Backbone) -> None:
         """Give a loaded extraction the backbone whose final block recomputes features at a new θ."""
-        if cache_key(backbone.identity(), self.info.data_fingerprint) != self.info.key:
+        if cache_key(backbone.identity(), self.info.data_fingerprint, self.info.precision) != self.info.key:
             raise StaleCacheError(f"this extraction was made with {self.info.model} / {self.info.weights}, not {backbone.label}")
         self._backbone = backbone
 
@@ -190,8 +213,18 @@ class Extraction:
         return engine.split_artifacts(torch.from_numpy(self.query_norms), float(theta), rule).numpy()
 
     @torch.inference_mode()
-    def itae(self, theta: float, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
-        """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6)."""
+    def itae(self, theta: float | None, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
+        """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6).
+
+        The final block runs at the extraction's precision (bf16 autocast where the backbone ran under
+        it), so the result is the full forward pass at that precision. Images without artifacts, and all
+        images when ``theta`` is None, keep their original features and attention, bit for bit.
+        """
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if theta is None:
+            no_artifacts = np.zeros(self.query_norms.shape, dtype=bool)
+            return ItaeResult(None, rule, self.features_original, self.attention_original, no_artifacts)
         if self.cache is None:
             raise RuntimeError("this extraction was saved without its final-block cache: extract again for a new θ")
         if self._backbone is None:
@@ -199,14 +232,16 @@ class Extraction:
         backbone = self._backbone
         block, norm, device = backbone.model.blocks[-1], backbone.model.norm, backbone.device
         features, attention, masks = [], [], []
-        with _autocast(device, self.cache.values_dtype == "bfloat16"):
+        with _autocast(device, self.info.precision):
             for start in range(0, len(self), batch_size):
                 rows = slice(start, start + batch_size)
                 state = self.cache.state(rows, self.query_norms, device)
                 mask = engine.split_artifacts(state.query_norms, float(theta), rule)
                 feats, attn = engine.cls_output(block, norm, state, mask)
-                features.append(feats.float().cpu().numpy())
-                attention.append(attn.float().cpu().numpy())
+                original_feats = torch.from_numpy(self.features_original[rows]).to(device)
+                original_attn = torch.from_numpy(self.attention_original[rows]).to(device)
+                features.append(engine.keep_unattenuated(feats.float(), original_feats, mask).cpu().numpy())
+                attention.append(engine.keep_unattenuated(attn.float(), original_attn, mask).cpu().numpy())
                 masks.append(mask.cpu().numpy())
         return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), np.concatenate(masks))
 
@@ -237,7 +272,7 @@ class Extraction:
             arrays.update(
                 cache_cls_input=self.cache.cls_input, cache_cls_logits=self.cache.cls_logits, cache_values=self.cache.values
             )
-            meta["values_dtype"] = self.cache.values_dtype
+            meta["cache_dtypes"] = self.cache.dtypes
         if self.labels is not None:
             arrays["labels"] = self.labels
         arrays["meta"] = np.array(json.dumps(meta))
@@ -246,16 +281,23 @@ class Extraction:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Backbone | None = None, data_fingerprint: str | None = None) -> "Extraction":
-        """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one."""
+    def load(
+        cls, path: str | Path, backbone: Backbone | None = None, data_fingerprint: str | None = None,
+        precision: str | None = None,
+    ) -> "Extraction":
+        """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one.
+
+        ``precision`` (``"bf16"`` or ``"fp32"``, see :func:`resolve_precision`) also refuses an extraction
+        made at the other precision; without it the file's own precision is accepted.
+        """
         with np.load(path, allow_pickle=False) as file:
             arrays = {name: file[name] for name in file.files}
         meta = json.loads(str(arrays["meta"]))
         if meta.get("format") != FORMAT_VERSION:
             raise StaleCacheError(f"{path} was written by another version of itae (format {meta.get('format')})")
         if backbone is not None and data_fingerprint is not None:
-            if cache_key(backbone.identity(), data_fingerprint) != meta["key"]:
-                raise StaleCacheError(f"{path} was extracted from other data, model, weights or preprocessing")
+            if cache_key(backbone.identity(), data_fingerprint, precision or meta["precision"]) != meta["key"]:
+                raise StaleCacheError(f"{path} was extracted from other data, model, weights, preprocessing or precision")
         extraction = cls(
             info=ExtractionInfo.from_json(meta),
             features_original=arrays["features_original"],
@@ -266,7 +308,7 @@ class Extraction:
             names=arrays["names"].tolist(),
             indices=arrays["indices"],
             cache=(
-                FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["values_dtype"])
+                FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["cache_dtypes"])
                 if "cache_values" in arrays
                 else None
             ),
@@ -277,9 +319,16 @@ class Extraction:
         return extraction
 
 
-def cache_key(backbone_identity: dict, data_fingerprint: str) -> str:
-    """A hex key that changes with the model, weights, preprocessing, data or file format."""
-    blob = json.dumps({"backbone": backbone_identity, "data": data_fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
+def cache_key(backbone_identity: dict, data_fingerprint: str, precision: str) -> str:
+    """A hex key that changes with the model, weights, preprocessing, data, precision or file format.
+
+    ``precision`` is the resolved one, ``"bf16"`` or ``"fp32"``: features extracted under bf16 autocast
+    differ from float32 ones by about 1e-2, so neither may stand in for the other.
+    """
+    blob = json.dumps(
+        {"backbone": backbone_identity, "data": data_fingerprint, "precision": precision, "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -307,9 +356,31 @@ def _collate(items):
     return indices, images, bad
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision an extraction on ``device`` runs at: ``"bf16"`` or ``"fp32"``.
+
+    Parameters
+    ----------
+    precision : {"auto", "bf16", "fp32"}
+        ``"auto"`` is bf16 autocast on CUDA and float32 elsewhere; ``"bf16"`` is bf16 autocast on any
+        device, the CPU included.
+    device : torch.device
+
+    Returns
+    -------
+    str
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    """The autocast of ``precision`` on ``device``: the extraction and every re-evaluation run under it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -343,19 +414,18 @@ def extract(
     dataset : ImageDataset
     batch_size : images per forward pass
     num_workers : DataLoader worker processes for decoding
-    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" or "fp32"
+    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" (autocast on any device) or "fp32"
     progress : callable(done, total), called after each batch
     spill_dir : folder for the memory-mapped value cache of large sets (default: the system temp folder)
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if len(dataset) == 0:
         raise ValueError("the dataset has no images to extract")
     model, device = backbone.model, backbone.device
     block = engine.check_model(model)
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    precision = resolve_precision(precision, device)
+    bf16 = precision == "bf16"
     n, total = len(dataset), len(dataset)
     T = model.patch_embed.num_patches + model.num_prefix_tokens
     H, d, C = block.attn.num_heads, block.attn.head_dim, model.embed_dim
@@ -369,7 +439,7 @@ def extract(
         "cls_logits": np.empty((n, H, T), np.float32),
         "values": _new_array((n, H, T, d), np.int16 if bf16 else np.float32, spill),
     }
-    indices, skipped, row = np.empty(n, np.int64), [], 0
+    indices, skipped, row, dtypes = np.empty(n, np.int64), [], 0, None
     loader = DataLoader(
         _Preprocessed(dataset, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -379,13 +449,14 @@ def extract(
         skipped += [SkippedImage(dataset.names[i], reason) for i, reason in bad]
         done += len(batch_indices) + len(bad)
         if images is not None:
-            with _autocast(device, bf16):
+            with _autocast(device, precision):
                 x = engine.final_block_input(model, images.to(device, non_blocking=True))
                 tokens, state = engine.final_block_forward(block, x)
                 output = model.norm(tokens)
             rows = slice(row, row + len(batch_indices))
             values = state.values.contiguous()
             out["values"][rows] = (values.view(torch.int16) if bf16 else values.float()).cpu().numpy()
+            dtypes = {name: str(getattr(state, name).dtype).removeprefix("torch.") for name in ("cls_input", "cls_logits", "values")}
             out["features"][rows] = output[:, 0].float().cpu().numpy()
             out["output_norms"][rows] = output.float().norm(dim=-1).cpu().numpy()
             out["query_norms"][rows] = state.query_norms.cpu().numpy()
@@ -407,13 +478,13 @@ def extract(
         timm_id=backbone.spec.timm_id,
         data=dataset.description,
         data_fingerprint=dataset.fingerprint,
-        key=cache_key(backbone.identity(), dataset.fingerprint),
+        key=cache_key(backbone.identity(), dataset.fingerprint, precision),
         class_names=None if dataset.class_names is None else tuple(dataset.class_names),
         num_prefix_tokens=model.num_prefix_tokens,
         num_registers=backbone.spec.num_registers,
         grid_size=tuple(backbone.grid_size),
         default_theta=backbone.default_theta,
-        precision="bf16" if bf16 else "fp32",
+        precision=precision,
         preprocessing=backbone.identity(),
     )
     extraction = Extraction(
@@ -425,21 +496,24 @@ def extract(
         labels=labels,
         names=[dataset.names[i] for i in indices[keep]],
         indices=indices[keep],
-        cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], "bfloat16" if bf16 else "float32"),
+        cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], dtypes),
         skipped=list(dataset.skipped) + skipped,
     )
     extraction.attach(backbone)
     return extraction
 
 
-def extract_cached(backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, **kwargs) -> Extraction:
-    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed."""
-    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint)}.npz"
+def extract_cached(
+    backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, precision: str = "auto", **kwargs
+) -> Extraction:
+    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed, precision included."""
+    precision = resolve_precision(precision, backbone.device)
+    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint, precision)}.npz"
     if path.is_file():
         try:
-            return Extraction.load(path, backbone, dataset.fingerprint)
+            return Extraction.load(path, backbone, dataset.fingerprint, precision)
         except (StaleCacheError, OSError, KeyError, ValueError):
             path.unlink(missing_ok=True)  # unreadable or stale: extract again
-    extraction = extract(backbone, dataset, **kwargs)
+    extraction = extract(backbone, dataset, precision=precision, **kwargs)
     extraction.save(path)
     return extraction

@@ -66,13 +66,29 @@ def explicit_final_block(model, x, theta, rule):
 
 @pytest.mark.parametrize("registers", [0, 4])
 @pytest.mark.parametrize("fused", [True, False])
-def test_no_artifact_reproduces_the_unmodified_model(registers, fused):
+def test_no_artifact_reproduces_the_unmodified_model_bit_for_bit(registers, fused):
     model, batch = tiny_vit(registers), images()
     set_fused(model, fused)
-    plain = model.forward_features(batch)[:, 0]
-    for theta, rule in [(-1.0, "below"), (1e9, "above"), (-1.0, "minority"), (1e9, "minority")]:
-        torch.testing.assert_close(cls_features(model, batch, theta, rule), plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cls_features(model, batch, None), plain, atol=0, rtol=0)
+    with torch.no_grad():
+        plain = model.forward_features(batch)[:, 0]
+        for theta, rule in [(-1.0, "below"), (1e9, "above"), (-1.0, "minority"), (1e9, "minority"), (None, "minority")]:
+            assert torch.equal(cls_features(model, batch, theta, rule), plain), (theta, rule)
+        x = final_block_input(model, batch)
+        no_artifact = torch.zeros(x.shape[:2], dtype=torch.bool)
+        for rows in ("cls", "all"):
+            assert torch.equal(final_block_tokens(model.blocks[-1], x, no_artifact, rows), model.blocks[-1](x))
+
+
+def test_only_the_images_with_artifacts_change():
+    model, batch = tiny_vit(), images(4)
+    with torch.no_grad():
+        norms = query_norms(model, batch)
+        theta = float(norms[0, 1:].min())  # rule "below": the lowest token of image 0, and of no other image
+        assert (norms[1:, 1:] > theta).all()
+        plain = model.forward_features(batch)[:, 0]
+        itae = cls_features(model, batch, theta, "below")
+    assert torch.equal(itae[1:], plain[1:])
+    assert not torch.equal(itae[0], plain[0])
 
 
 @pytest.mark.parametrize("registers,layer_scale", [(0, 0.5), (4, 0.5), (2, None)])
