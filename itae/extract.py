@@ -39,7 +39,7 @@ __all__ = [
     "resolve_precision",
 ]
 
-FORMAT_VERSION = 2  # 2: the precision is part of the cache key; the cache records the dtypes of its state
+FORMAT_VERSION = 2  # 2: the precision is part of the cache key
 PRECISIONS = ("auto", "bf16", "fp32")
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
@@ -105,44 +105,34 @@ class ExtractionInfo:
 class FinalBlockCache:
     """The per-image inputs of the final block's CLS output (see ``engine.FinalBlockState``).
 
-    Under bf16 autocast the CLS logits and the values are bf16 matmul outputs. The cache keeps their exact
-    values and their dtypes, so that a re-evaluation runs the same operations on the same dtypes as the
-    forward pass it replaces.
-
     Attributes
     ----------
     cls_input : ndarray of shape (N, C), float32
-    cls_logits : ndarray of shape (N, H, T), float32 (it holds bf16 values exactly)
-    values : ndarray of shape (N, H, T, d); float32, or int16 holding the bits of bfloat16 values (half the
-        memory of float32)
-    dtypes : dict
-        The torch dtype of each field in the forward pass, by name: ``{"cls_input": "float32",
-        "cls_logits": "bfloat16", "values": "bfloat16"}`` under bf16 autocast.
+    cls_logits : ndarray of shape (N, H, T), float32 (under bf16 autocast it holds the bf16 logits exactly)
+    values : ndarray of shape (N, H, T, d); float32, or int16 holding bfloat16 bits when
+        extraction ran under bf16 autocast (``values_dtype`` says which)
+    values_dtype : "float32" or "bfloat16"
     """
 
     cls_input: np.ndarray
     cls_logits: np.ndarray
     values: np.ndarray
-    dtypes: dict[str, str]
+    values_dtype: str
 
     def nbytes_per_image(self) -> int:
         n = len(self.cls_input)
         return (self.cls_input.nbytes + self.cls_logits.nbytes + self.values.nbytes) // max(n, 1)
 
     def state(self, rows: slice, query_norms: np.ndarray, device: torch.device) -> engine.FinalBlockState:
-        """The engine's state of the images ``rows``, in the dtypes of the forward pass, on ``device``."""
         values = torch.from_numpy(np.ascontiguousarray(self.values[rows]))
-        if self.dtypes["values"] == "bfloat16":
+        if self.values_dtype == "bfloat16":
             values = values.view(torch.bfloat16)
         return engine.FinalBlockState(
-            cls_input=self._tensor("cls_input", rows, device),
-            cls_logits=self._tensor("cls_logits", rows, device),
+            cls_input=torch.from_numpy(self.cls_input[rows]).to(device),
+            cls_logits=torch.from_numpy(self.cls_logits[rows]).to(device),
             values=values.to(device),
             query_norms=torch.from_numpy(query_norms[rows]).to(device),
         )
-
-    def _tensor(self, name: str, rows: slice, device: torch.device) -> torch.Tensor:
-        return torch.from_numpy(getattr(self, name)[rows]).to(device, getattr(torch, self.dtypes[name]))
 
 
 @dataclass
@@ -272,7 +262,7 @@ class Extraction:
             arrays.update(
                 cache_cls_input=self.cache.cls_input, cache_cls_logits=self.cache.cls_logits, cache_values=self.cache.values
             )
-            meta["cache_dtypes"] = self.cache.dtypes
+            meta["values_dtype"] = self.cache.values_dtype
         if self.labels is not None:
             arrays["labels"] = self.labels
         arrays["meta"] = np.array(json.dumps(meta))
@@ -308,7 +298,7 @@ class Extraction:
             names=arrays["names"].tolist(),
             indices=arrays["indices"],
             cache=(
-                FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["cache_dtypes"])
+                FinalBlockCache(arrays["cache_cls_input"], arrays["cache_cls_logits"], arrays["cache_values"], meta["values_dtype"])
                 if "cache_values" in arrays
                 else None
             ),
@@ -439,7 +429,7 @@ def extract(
         "cls_logits": np.empty((n, H, T), np.float32),
         "values": _new_array((n, H, T, d), np.int16 if bf16 else np.float32, spill),
     }
-    indices, skipped, row, dtypes = np.empty(n, np.int64), [], 0, None
+    indices, skipped, row = np.empty(n, np.int64), [], 0
     loader = DataLoader(
         _Preprocessed(dataset, backbone.preprocess), batch_size=batch_size, num_workers=num_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda",
@@ -456,7 +446,6 @@ def extract(
             rows = slice(row, row + len(batch_indices))
             values = state.values.contiguous()
             out["values"][rows] = (values.view(torch.int16) if bf16 else values.float()).cpu().numpy()
-            dtypes = {name: str(getattr(state, name).dtype).removeprefix("torch.") for name in ("cls_input", "cls_logits", "values")}
             out["features"][rows] = output[:, 0].float().cpu().numpy()
             out["output_norms"][rows] = output.float().norm(dim=-1).cpu().numpy()
             out["query_norms"][rows] = state.query_norms.cpu().numpy()
@@ -496,7 +485,7 @@ def extract(
         labels=labels,
         names=[dataset.names[i] for i in indices[keep]],
         indices=indices[keep],
-        cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], dtypes),
+        cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], "bfloat16" if bf16 else "float32"),
         skipped=list(dataset.skipped) + skipped,
     )
     extraction.attach(backbone)
