@@ -18,6 +18,7 @@ import itae.devices
 import itae.extract
 from itae import __version__, cli, commands, reports
 from itae.data import SOURCES, balanced_subset, open_source
+from itae.evaluate import cluster_protocol, knn_classify, stratified_split
 from itae.registry import REGISTRY
 
 SMALL = ["--model", "dinov2_vits14", "--weights", "random", "--data", "demo", "--limit", "20", "--device", "cpu"]
@@ -94,14 +95,14 @@ def test_extract_writes_features_labels_and_norms(capsys, tmp_path, cache_dir):
         assert saved["query_norms"].shape == (20, 257)  # CLS + 16×16 patches at 224 px
         meta = json.loads(str(saved["meta"]))
         names, labels = saved["names"].tolist(), saved["labels"]
-        if meta["theta"] is None:
-            np.testing.assert_array_equal(saved["features_itae"], saved["features_original"])
-            assert not saved["artifact_mask"].any()
+        # θ auto on random weights: no artifacts, so ITAE is the original, bit for bit.
+        assert meta["theta"] is None and not saved["artifact_mask"].any()
+        assert np.array_equal(saved["features_itae"], saved["features_original"])
     assert meta["model"] == "dinov2_vits14" and meta["weights"] == "random" and meta["rule"] == "minority"
     # --limit picks the class-balanced subset of balanced_subset(ds, N, seed), 2 images per class here.
     assert names == balanced_subset(open_source("demo"), 20, seed=0).names
     assert np.bincount(labels).tolist() == [2] * 10
-    assert "Extracted 20 images" in out and str(out_file) in out and "θ" in out
+    assert "Extracted 20 images" in out and str(out_file) in out and "No artifacts" in out
 
 
 def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
@@ -112,7 +113,7 @@ def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
     with np.load(nothing) as saved:
         assert json.loads(str(saved["meta"]))["theta"] == 1e6
         assert not saved["artifact_mask"].any()
-        np.testing.assert_allclose(saved["features_itae"], saved["features_original"], rtol=1e-4, atol=1e-4)
+        assert np.array_equal(saved["features_itae"], saved["features_original"])
     # The same θ with rule 'below' attenuates every patch: the features must change.
     status, out, err = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--theta", "1e6",
                            "--rule", "below", "--out", everything)
@@ -139,9 +140,38 @@ def test_eval_prints_the_table_and_writes_json(capsys, tmp_path, cache_dir):
         for summary in report[side].values():
             assert set(summary) >= {"mean", "se", "std"}
             assert summary["se"] == pytest.approx(summary["std"] / np.sqrt(2))
-            assert -1 <= summary["mean"] <= 1
-    if report["theta"] is None:  # nothing to attenuate: the two columns are the same numbers
-        assert report["itae"] == report["original"] and "θ = none" in out
+    # θ auto on random weights: no artifacts, nothing to attenuate, the two columns are the same numbers.
+    assert report["theta"] is None and report["theta_decision"]["verdict"] == "no artifacts"
+    assert report["itae"] == report["original"] and "θ = none" in out
+
+
+def test_eval_scores_the_itae_features_at_a_theta_that_attenuates(capsys, tmp_path, cache_dir):
+    # An explicit θ at the median with rule 'below' attenuates half the tokens. The CLI's numbers must be the
+    # protocol run on Extraction.itae's features, not on the original ones. The demo weights, not random
+    # ones: random weights attend almost uniformly, so attenuation moves their features by ~1e-5 and the
+    # clusters not at all, and the numbers could not tell ITAE from the original.
+    backbone = commands.load_backbone("dinov2_vits14", "demo", "cpu")
+    extraction = itae.extract.extract_cached(backbone, balanced_subset(open_source("demo"), 20, seed=0), cache_dir)
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    json_file = tmp_path / "eval.json"
+    demo = ["demo" if arg == "random" else arg for arg in SMALL]
+
+    status, out, _ = run(capsys, "eval", *demo, *QUICK, "--theta", repr(theta), "--rule", "below",
+                         "--cache-dir", cache_dir, "--json", json_file)
+
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert report["theta"] == theta and report["theta_decision"]["attenuated_fraction"] == pytest.approx(0.5, abs=0.01)
+
+    def protocol(features):
+        result = cluster_protocol(features, labels=extraction.labels, n_clusters=10, sets=2, runs=3, seed=0,
+                                  backend="sklearn")
+        return {name: summary.to_dict() for name, summary in result.summary().items() if name != "inertia"}
+
+    assert report["original"] == protocol(extraction.features_original)
+    assert report["itae"] == protocol(extraction.itae(theta, "below").features)
+    assert report["itae"] != report["original"]
+    assert f"θ = {theta:g} as given, rule below: attenuates" in out
 
 
 def test_eval_several_models_gives_a_list(capsys, tmp_path, cache_dir):
@@ -256,8 +286,13 @@ def test_knn_compares_original_and_itae(capsys, tmp_path, cache_dir):
     assert status == 0 and "k-NN" in out
     report = json.loads(json_file.read_text())
     assert report["memory_bank"]["n_images"] == 10 and report["queries"]["n_images"] == 10
-    assert set(report["accuracy"]) == {"original", "itae"}
-    assert all(0 <= value <= 1 for value in report["accuracy"].values())
+    backbone = commands.load_backbone("dinov2_vits14", "random", "cpu")
+    extraction = itae.extract.extract_cached(backbone, balanced_subset(open_source("demo"), 20, seed=0), cache_dir)
+    bank, queries = stratified_split(extraction.labels, test_fraction=0.5, seed=0)
+    features, labels = extraction.features_original, extraction.labels
+    expected = knn_classify(features[bank], labels[bank], features[queries], labels[queries], k=3, temperature=0.07)
+    # θ auto on random weights: none, so ITAE is the original.
+    assert report["theta"] is None and report["accuracy"] == {"original": expected, "itae": expected}
 
 
 def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cache_dir):

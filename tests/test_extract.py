@@ -74,11 +74,30 @@ def test_extraction_matches_the_model_and_the_cache_matches_a_full_forward_pass(
             assert result.artifact_mask.shape == extraction.query_norms.shape and not result.artifact_mask[:, 0].any()
     below = extraction.itae(thetas[1], "below")
     assert np.abs(below.features - extraction.features_original).max() > 1e-3
-    # Eq. 6: every artifact gets the row's smallest non-CLS logit, hence the row's smallest attention.
-    row_min = below.attention[:, :, 1:].min(axis=-1, keepdims=True)
-    artifacts = np.broadcast_to(below.artifact_mask[:, None, :], below.attention.shape)
-    assert artifacts.any()
-    np.testing.assert_allclose(below.attention[artifacts], np.broadcast_to(row_min, below.attention.shape)[artifacts], rtol=1e-5)
+
+
+def test_the_attenuated_attention_matches_eq6_written_here():
+    backbone, dataset = tiny_backbone(), ListDataset(10)
+    extraction = extract(backbone, dataset, batch_size=4)
+    # The original CLS-row logits the cache keeps, with each row's own CLS column made its smallest logit:
+    # there a minimum taken over the whole row gives other numbers than Eq. 6's minimum over 1 <= j <= N.
+    logits = extraction.cache.cls_logits
+    logits[:, :, 0] = logits.min(axis=-1) - 2.0
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+
+    result = extraction.itae(theta, "below", batch_size=3)
+
+    attenuated = result.artifact_mask.any(axis=1)
+    assert attenuated.sum() >= 8
+    for n in np.flatnonzero(attenuated):
+        artifacts = [j for j in range(1, logits.shape[-1]) if extraction.query_norms[n, j] <= theta]  # Eq. 2
+        for h in range(logits.shape[1]):
+            row = logits[n, h].astype(np.float64)
+            smallest = min(row[j] for j in range(1, len(row)))  # Eq. 6: the CLS column (j = 0) excluded
+            row[artifacts] = smallest
+            weights = np.exp(row - row.max())
+            np.testing.assert_allclose(result.attention[n, h], weights / weights.sum(), atol=1e-6, rtol=0)
+    assert np.array_equal(result.attention[~attenuated], extraction.attention_original[~attenuated])
 
 
 def test_a_new_theta_never_runs_the_backbone(monkeypatch):
