@@ -191,13 +191,14 @@ def verdict_report(decisions: list[ThetaDecision], extraction: Extraction) -> st
     lines = [
         f"{extraction.info.label} on {extraction.info.data}: query norms of {n_images * (n_tokens - 1):,} "
         f"non-CLS tokens ({n_images:,} images × {n_tokens - 1})",
-        f"verdict: {evidence.verdict}   valley θ: {theta_text(evidence.theta)}   ΔBIC: {bimodality.delta_bic:.1f}   "
-        f"Ashman's D: {bimodality.ashman_d:.2f}   valley depth: {bimodality.strength:.2f}",
+        f"verdict: {evidence.verdict}   valley θ: {theta_text(evidence.theta)}   two-mode test: ΔBIC "
+        f"{bimodality.delta_bic:.1f}, Ashman's D {bimodality.ashman_d:.2f}, valley depth {bimodality.strength:.2f}",
     ]
     if evidence.image_fractions is not None:
         low, median, high = np.percentile(evidence.image_fractions, [0, 50, 100])
         lines.append(
-            f"{evidence.side} the valley: {percent(evidence.pooled_fraction)} % of the tokens; per image "
+            f"{evidence.side} the valley (its modes: ΔBIC {evidence.delta_bic:.1f}, Ashman's D {evidence.ashman_d:.2f}, "
+            f"depth {evidence.valley_depth:.2f}): {percent(evidence.pooled_fraction)} % of the tokens; per image "
             f"{percent(low)}-{percent(high)} % (median {percent(median)} %); {percent(evidence.typical_share)} % "
             f"of the images within the per-image limit; {percent(evidence.region_share)} % of these patches in "
             f"connected regions (largest {evidence.largest_region})"

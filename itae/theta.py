@@ -103,6 +103,7 @@ MIN_MINORITY_WEIGHT = 0.002
 MIN_VALLEY_DEPTH = 0.5
 VALLEY_FLOOR_TOLERANCE = 0.05
 MAX_THETA_POINTS = 10_000
+MAX_SAMPLES = 200_000
 
 
 @dataclass
@@ -173,7 +174,7 @@ class _Valley:
     modes: tuple[float, float]
 
 
-def suggest_theta(norms, max_samples: int = 200_000, seed: int = 0) -> BimodalityVerdict:
+def suggest_theta(norms, max_samples: int = MAX_SAMPLES, seed: int = 0) -> BimodalityVerdict:
     """Test the pooled query norms for bimodality and suggest θ at the valley between the modes.
 
     This is the first criterion of the θ policy, not the policy: bimodal norms can also separate image
@@ -199,17 +200,14 @@ def suggest_theta(norms, max_samples: int = 200_000, seed: int = 0) -> Bimodalit
     ValueError
         If ``norms`` is empty or holds NaN or infinity, or ``max_samples`` is not a positive int.
     """
-    values = _validated_norms(norms)
     if not isinstance(max_samples, Integral) or max_samples < 2:
         raise ValueError(f"max_samples must be an int of at least 2, got {max_samples!r}")
-    rng = np.random.default_rng(seed)
-    if values.size > max_samples:
-        values = rng.choice(values, size=int(max_samples), replace=False)
+    values = _subsample(_validated_norms(norms), max_samples, seed)
     if values.size < 2 or np.ptp(values) == 0:
         return _constant_verdict(values)
 
     means, stds, weights, delta_bic = _fit_mixtures(values, seed)
-    ashman_d = math.sqrt(2.0) * (means[1] - means[0]) / math.sqrt(stds[0] ** 2 + stds[1] ** 2)
+    ashman_d = _ashman_d(means[0], stds[0], means[1], stds[1])
     valley = _find_valley(values, means)
     common = dict(
         method="GMM (ΔBIC, Ashman's D) + KDE valley",
@@ -245,6 +243,19 @@ def suggest_theta(norms, max_samples: int = 200_000, seed: int = 0) -> Bimodalit
     )
 
 
+def _ashman_d(mean_a: float, std_a: float, mean_b: float, std_b: float) -> float:
+    """Ashman's D, ``sqrt(2) |μa - μb| / sqrt(σa² + σb²)``: above 2, two modes are cleanly apart."""
+    spread = math.hypot(std_a, std_b)
+    return math.inf if spread == 0 else math.sqrt(2.0) * abs(mean_a - mean_b) / spread
+
+
+def _subsample(values: np.ndarray, max_samples: int, seed: int) -> np.ndarray:
+    """At most ``max_samples`` of ``values``, drawn without replacement by a generator seeded with ``seed``."""
+    if values.size <= max_samples:
+        return values
+    return np.random.default_rng(seed).choice(values, size=int(max_samples), replace=False)
+
+
 def _validated_norms(norms) -> np.ndarray:
     values = np.asarray(norms, dtype=np.float64).ravel()
     if values.size == 0:
@@ -267,13 +278,14 @@ def _constant_verdict(values: np.ndarray) -> BimodalityVerdict:
     )
 
 
-def _fit_mixtures(values: np.ndarray, seed: int):
+def _fit_mixtures(values: np.ndarray, seed: int, starts: tuple[float, ...] = START_SPLITS):
     """Fit 1- and 2-component mixtures; return the 2-component one sorted by mean, and ΔBIC.
 
-    EM can stop in a local optimum, so the 2-component fit keeps the best of three starts: the
-    sorted norms split at the 2nd percentile, the median and the 98th percentile. A k-means start
+    EM can stop in a local optimum, so the 2-component fit keeps the best of several starts, by default
+    the sorted norms split at the 2nd percentile, the median and the 98th percentile. A k-means start
     alone tends to split the majority mode in two when the minority holds only a few percent of the
-    tokens; the tail starts find that minority.
+    tokens; the tail starts find that minority. ``starts`` are the fractions of the sorted norms below
+    each start's split.
     """
     column = values.reshape(-1, 1)
     one = GaussianMixture(n_components=1, random_state=seed).fit(column)
@@ -283,7 +295,7 @@ def _fit_mixtures(values: np.ndarray, seed: int):
             n_components=2, covariance_type="spherical", random_state=seed,
             **_split_start(ordered, fraction),
         ).fit(column)
-        for fraction in START_SPLITS
+        for fraction in starts
     ]
     two = max(fits, key=lambda fit: fit.score(column))
     order = np.argsort(two.means_.ravel())
@@ -325,7 +337,21 @@ def _find_valley(values: np.ndarray, means: tuple[float, float]) -> _Valley | No
     inside = np.flatnonzero((grid > means[0]) & (grid < means[1]))
     if inside.size == 0:
         return None
-    lowest = inside[np.argmin(density[inside])]
+    return _valley_at(grid, density, inside[np.argmin(density[inside])])
+
+
+def _deep_valleys(values: np.ndarray) -> list[_Valley]:
+    """Every valley of the smoothed density at least ``MIN_VALLEY_DEPTH`` deep, the deepest first."""
+    grid, density = _smoothed_density(values)
+    minima = np.flatnonzero((density[1:-1] < density[:-2]) & (density[1:-1] <= density[2:])) + 1
+    valleys = [valley for valley in (_valley_at(grid, density, i) for i in minima)
+               if valley is not None and valley.depth >= MIN_VALLEY_DEPTH]
+    return sorted(valleys, key=lambda valley: -valley.depth)
+
+
+def _valley_at(grid: np.ndarray, density: np.ndarray, lowest: int) -> _Valley | None:
+    """The valley around grid point ``lowest``: its depth below the lower of the highest peaks on either side,
+    its modes, and θ at the centre of its floor."""
     left_peak = int(np.argmax(density[: lowest + 1]))
     right_peak = lowest + int(np.argmax(density[lowest:]))
     lower_peak = min(density[left_peak], density[right_peak])
@@ -375,7 +401,8 @@ class ArtifactEvidence:
     reason : str
         One sentence saying why, with the deciding numbers.
     theta : float or None
-        The centre of the density valley between the two modes (the candidate θ); None without two modes.
+        The centre of the floor of the density valley that splits the tokens (the candidate θ); None
+        without a second mode.
     side : {"below", "above"} or None
         Where the candidate minority lies relative to ``theta``; "below" means ``n <= theta`` (Eq. 2).
     n_images, n_tokens : int
@@ -393,6 +420,10 @@ class ArtifactEvidence:
         patches of their image's grid (register tokens have no place on the grid and are not counted).
     largest_region : int or None
         The largest such region, in patches.
+    delta_bic, ashman_d : float or None
+        ΔBIC and Ashman's D of the two-component mixture around ``theta`` (see :func:`suggest_theta`).
+    valley_depth : float or None
+        ``1 - density at the valley / lower peak`` of the smoothed density, in [0, 1].
     failures : tuple of str
         The criteria that failed, in words; empty unless the verdict is "no artifacts".
     bimodality : BimodalityVerdict
@@ -411,6 +442,9 @@ class ArtifactEvidence:
     typical_share: float | None
     region_share: float | None
     largest_region: int | None
+    delta_bic: float | None
+    ashman_d: float | None
+    valley_depth: float | None
     failures: tuple[str, ...]
     bimodality: BimodalityVerdict
 
@@ -419,7 +453,8 @@ class ArtifactEvidence:
         fields = {
             name: getattr(self, name)
             for name in ("verdict", "reason", "theta", "side", "n_images", "n_tokens", "n_candidates",
-                         "pooled_fraction", "typical_share", "region_share", "largest_region")
+                         "pooled_fraction", "typical_share", "region_share", "largest_region", "delta_bic",
+                         "ashman_d", "valley_depth")
         }
         fractions = self.image_fractions
         fields["image_fraction"] = None if fractions is None else dict(
@@ -494,10 +529,18 @@ def decide_theta(
     them, apart from the rest in their query norm. Each criterion below turns one way that a split can
     look like artifacts without being them into a refusal:
 
-    1. **Two modes.** The pooled non-CLS norms must be bimodal (:func:`suggest_theta`: ΔBIC > 10,
-       Ashman's D >= 2, a density valley at most half as high as the lower peak, and the smaller mode at
-       least 0.2 % of the tokens). Without two modes any θ cuts through one population of normal tokens,
-       which is what the paper saw for ViT-S/14 and why it did not apply ITAE there. θ is the valley.
+    1. **A second mode.** The split must sit in a valley between two modes of the pooled non-CLS norms:
+       the valley of the bimodality test (:func:`suggest_theta`: ΔBIC > 10, Ashman's D >= 2, a density
+       valley at most half as high as the lower peak, the smaller mode at least 0.2 % of the tokens), or
+       any other valley of the smoothed density at least half as deep around which a two-component
+       mixture, started from its split, passes the same criteria with the valley between its means (a gap
+       among a few outliers in a tail does not: the fit wanders off it). Without a second mode any θ cuts
+       through one population of normal tokens, which is what the paper saw for ViT-S/14 and why it did
+       not apply ITAE there. The other valleys matter where the norms have three modes, artifacts plus
+       image content that splits in two (drawn shapes on a plain background seen through a model with
+       artifacts): there a two-component test picks the wrong pair. θ is the centre of the valley's
+       floor; the candidate valleys are judged in turn (the test's first, then the deepest) and the first
+       that passes 2-4 is taken.
     2. **A small minority overall.** The minority side of θ may hold at most ``MAX_MINORITY_FRACTION``
        (10 %) of the tokens. Artifacts are a few per cent; a split near half of the tokens (a single
        Fashion-MNIST image: 45 %) separates the image's content, e.g. a garment from its background.
@@ -629,26 +672,112 @@ def examine_norms(norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], 
     n_images, n_tokens = candidates.shape
     rows, cols = _validated_layout(n_tokens, num_prefix_tokens, grid_size)
     bimodality = suggest_theta(candidates, seed=seed)
-    if not bimodality.bimodal:
+    modes = _separating_modes(candidates, bimodality, seed)
+    if not modes:
         failure = f"the query norms have no second mode ({'; '.join(bimodality.failures)})"
         return ArtifactEvidence(
             verdict=NO_ARTIFACTS, reason=_no_artifacts_reason(failure, n_images), theta=None, side=None,
             n_images=n_images, n_tokens=n_tokens, n_candidates=0, pooled_fraction=None, image_fractions=None,
-            typical_share=None, region_share=None, largest_region=None, failures=(failure,),
-            bimodality=bimodality,
+            typical_share=None, region_share=None, largest_region=None, delta_bic=None, ashman_d=None,
+            valley_depth=None, failures=(failure,), bimodality=bimodality,
         )
 
-    theta, side = bimodality.theta, bimodality.minority_side
-    minority = candidates <= theta if side == "below" else candidates > theta  # Eq. 2, L_a or L_b
+    # The first split that passes criteria 2-4 is taken; if none does, the first (most prominent) is reported.
+    splits = []
+    for mode in modes:
+        splits.append(_judge_split(candidates, mode, num_prefix_tokens, rows, cols))
+        if not splits[-1].failures:
+            break
+    split = splits[-1] if not splits[-1].failures else splits[0]
+    mode, n_candidates = split.mode, int(split.minority.sum())
+    described = (
+        f"{100 * split.pooled:.1f} % of the tokens ({n_candidates / n_images:.1f} per image) lie {split.side} "
+        f"θ = {mode.valley.theta:.2f}"
+    )
+    if split.failures:
+        verdict = NO_ARTIFACTS
+        reason = _no_artifacts_reason(f"{described}, but {'; '.join(split.failures)}", n_images)
+    elif n_images < MIN_IMAGES or n_candidates < MIN_CANDIDATES:
+        verdict = TOO_LITTLE_DATA
+        reason = (
+            f"Too little data: {described}, isolated and apart from the rest, but {_images(n_images)} and "
+            f"{n_candidates} such tokens are too few to call them artifacts (at least {MIN_IMAGES} images "
+            f"and {MIN_CANDIDATES} tokens)"
+        )
+    else:
+        verdict = ARTIFACTS
+        reason = (
+            f"Artifacts: {described}, isolated ({100 * (1 - split.region_share):.0f} % outside regions of "
+            f"{REGION_PATCHES}+ patches) and apart from the rest (ΔBIC = {mode.delta_bic:.0f}, "
+            f"Ashman's D = {mode.ashman_d:.1f}, valley depth {mode.valley.depth:.2f})"
+        )
+    return ArtifactEvidence(
+        verdict=verdict, reason=reason, theta=mode.valley.theta, side=split.side, n_images=n_images,
+        n_tokens=n_tokens, n_candidates=n_candidates, pooled_fraction=split.pooled,
+        image_fractions=split.image_fractions, typical_share=split.typical, region_share=split.region_share,
+        largest_region=split.largest, delta_bic=mode.delta_bic, ashman_d=mode.ashman_d,
+        valley_depth=mode.valley.depth,
+        failures=split.failures, bimodality=bimodality,
+    )
+
+
+@dataclass(frozen=True)
+class _Mode:
+    """A valley of the density with a mode on either side: the two-component mixture fitted around it."""
+
+    valley: _Valley
+    ashman_d: float
+    delta_bic: float
+
+
+@dataclass(frozen=True)
+class _Split:
+    """The tokens on the minority side of a mode's valley, and the criteria 2-4 they fail."""
+
+    mode: _Mode
+    side: str
+    minority: np.ndarray  # bool, (n_images, n_tokens - 1)
+    pooled: float
+    image_fractions: np.ndarray
+    typical: float
+    region_share: float
+    largest: int
+    failures: tuple[str, ...]
+
+
+def _separating_modes(candidates: np.ndarray, bimodality: BimodalityVerdict, seed: int) -> list[_Mode]:
+    """The valleys between two modes: the bimodality test's, then every other deep one, deepest first.
+
+    Another valley counts where the two-component mixture started from its split passes the bimodality
+    test's own criteria (ΔBIC, Ashman's D, the smaller mode's weight) with the valley between its means: a
+    third mode, not a gap between a few outliers in a tail, where the fit wanders off the valley.
+    """
+    modes = [_Mode(_Valley(bimodality.theta, bimodality.strength, bimodality.modes), bimodality.ashman_d,
+                   bimodality.delta_bic)] if bimodality.bimodal else []
+    sample = _subsample(candidates.ravel(), MAX_SAMPLES, seed)
+    seen = {int(np.sum(sample <= mode.valley.theta)) for mode in modes}  # a split is the tokens below it
+    for valley in _deep_valleys(sample):
+        n_below = int(np.sum(sample <= valley.theta))
+        if n_below in seen or not 0 < n_below < sample.size:
+            continue
+        seen.add(n_below)
+        means, stds, weights, delta_bic = _fit_mixtures(sample, seed, starts=(n_below / sample.size,))
+        ashman_d = _ashman_d(means[0], stds[0], means[1], stds[1])
+        if means[0] < valley.theta < means[1] and not _failed_criteria(delta_bic, ashman_d, min(weights), valley):
+            modes.append(_Mode(valley, ashman_d, delta_bic))
+    return modes
+
+
+def _judge_split(candidates: np.ndarray, mode: _Mode, num_prefix_tokens: int, rows: int, cols: int) -> _Split:
+    """Criteria 2-4 of :func:`decide_theta` on the tokens of the minority side of ``mode``'s valley."""
+    below = candidates <= mode.valley.theta  # L_a of Eq. 2
+    side = "below" if below.mean() <= 0.5 else "above"
+    minority = below if side == "below" else ~below
     image_fractions = minority.mean(axis=1)
     pooled = float(minority.mean())
     typical = float(np.mean(image_fractions <= MAX_IMAGE_FRACTION))
-    patches = minority[:, num_prefix_tokens - 1:].reshape(n_images, rows, cols)
-    region_share, largest = _regions(patches)
-    n_candidates = int(minority.sum())
-    described = (
-        f"{100 * pooled:.1f} % of the tokens ({n_candidates / n_images:.1f} per image) lie {side} θ = {theta:.2f}"
-    )
+    n_images = len(candidates)
+    region_share, largest = _regions(minority[:, num_prefix_tokens - 1:].reshape(n_images, rows, cols))
     failures = []
     if pooled > MAX_MINORITY_FRACTION:
         failures.append(f"that is more than the {100 * MAX_MINORITY_FRACTION:.0f} % of the tokens artifacts make up")
@@ -660,28 +789,7 @@ def examine_norms(norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], 
             f"{100 * region_share:.0f} % of them form connected regions of {REGION_PATCHES} or more patches "
             f"(the largest {largest}): image content, not isolated artifacts"
         )
-    if failures:
-        verdict, reason = NO_ARTIFACTS, _no_artifacts_reason(f"{described}, but {'; '.join(failures)}", n_images)
-    elif n_images < MIN_IMAGES or n_candidates < MIN_CANDIDATES:
-        verdict = TOO_LITTLE_DATA
-        reason = (
-            f"Too little data: {described}, isolated and apart from the rest, but {_images(n_images)} and "
-            f"{n_candidates} such tokens are too few to call them artifacts (at least {MIN_IMAGES} images "
-            f"and {MIN_CANDIDATES} tokens)"
-        )
-    else:
-        verdict = ARTIFACTS
-        reason = (
-            f"Artifacts: {described}, isolated ({100 * (1 - region_share):.0f} % outside regions of "
-            f"{REGION_PATCHES}+ patches) and apart from the rest (ΔBIC = {bimodality.delta_bic:.0f}, "
-            f"Ashman's D = {bimodality.ashman_d:.1f}, valley depth {bimodality.strength:.2f})"
-        )
-    return ArtifactEvidence(
-        verdict=verdict, reason=reason, theta=theta, side=side, n_images=n_images, n_tokens=n_tokens,
-        n_candidates=n_candidates, pooled_fraction=pooled, image_fractions=image_fractions,
-        typical_share=typical, region_share=region_share, largest_region=largest,
-        failures=tuple(failures), bimodality=bimodality,
-    )
+    return _Split(mode, side, minority, pooled, image_fractions, typical, region_share, largest, tuple(failures))
 
 
 def _validated_layout(n_tokens: int, num_prefix_tokens, grid_size) -> tuple[int, int]:

@@ -455,6 +455,37 @@ def test_artifacts_on_too_few_images_are_not_applied_and_the_reason_says_so(n_im
     assert f"give θ = {decision.evidence.theta:.2f} explicitly" in decision.reason
 
 
+def test_artifacts_are_found_where_image_content_splits_the_other_tokens_in_two():
+    # Three modes: 5 isolated low-norm artifacts per image, a plain background, and an object of 12
+    # contiguous high-norm patches. The object split must be refused and the artifacts found all the same.
+    rng = np.random.default_rng(11)
+    norms, planted = _layout_norms(np.full(30, 5), (1.5, 0.15), (3.0, 0.1), seed=11)
+    for image in range(len(norms)):
+        block = 1 + np.array(_block(rng, 12))
+        block = block[~planted[image, block]]
+        norms[image, block] = rng.normal(3.8, 0.1, size=len(block))
+
+    decision = _decide("auto", norms)
+
+    assert decision.verdict == ARTIFACTS and 1.5 < decision.value < 3.0
+    np.testing.assert_array_equal(norms[:, 1:] <= decision.value, planted[:, 1:])
+
+
+@pytest.mark.parametrize("tail", [
+    lambda rng, size: 3.0 + 0.2 * rng.standard_t(2, size),  # heavier tails than any ViT's
+    lambda rng, size: 2.4 + rng.gamma(2.0, 0.358, size),  # skewed, median 3.0
+], ids=["student-t-2-dof", "gamma"])
+def test_gaps_between_outliers_in_a_tail_are_not_a_mode(tail):
+    # Among 50,000 heavy-tailed norms the smoothed density has deep valleys between a few outliers; a
+    # mixture started there wanders off, so they are no candidate split, however isolated the outliers.
+    norms = tail(np.random.default_rng(12), (200, 1 + N_PATCHES))
+
+    decision = _decide("auto", norms)
+
+    assert (decision.value, decision.verdict) == (None, NO_ARTIFACTS)
+    assert "no second mode" in decision.reason
+
+
 def _failures(norms):
     evidence = examine_norms(norms, num_prefix_tokens=1, grid_size=GRID)
     assert evidence.bimodality.bimodal  # each case passes the first criterion; the others must refuse it
