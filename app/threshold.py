@@ -6,7 +6,7 @@ draws the three widgets and computes nothing. The change counts, and the page re
 the widgets have held still for ``SETTLE_S``: a newer change arriving meanwhile (a held arrow key sends
 one per step) stops the waiting run at its next Streamlit call, so only the last value is computed.
 
-Where θ starts on a new extraction is the library's decision, ``itae.theta.choose_theta``.
+Where θ starts on a new extraction is the library's decision, ``itae.theta.decide_theta``.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import streamlit as st
 
 from itae.choices import RULES
 from itae.extract import Extraction
-from itae.theta import BimodalityVerdict, ThetaChoice, choose_theta
+from itae.theta import ArtifactEvidence, ThetaDecision, decide_theta, examine_norms
 
 __all__ = [
     "NUMBER",
@@ -25,38 +25,34 @@ __all__ = [
     "SETTLE_S",
     "SLIDER",
     "THETA_STEP",
-    "choice",
     "controls",
     "current_rule",
     "current_theta",
+    "decision",
     "ensure",
     "for_link",
     "request",
     "set_theta",
     "start_reason",
     "theta_range",
-    "verdict",
 ]
 
 THETA_STEP = 0.01
 SETTLE_S = 0.4
 SLIDER, NUMBER, RULE = "theta_slider", "theta_number", "rule_radio"
-ORIGIN_TEXT = {"given": "the link's θ", "paper": "the paper's θ for this model", "auto": "the bimodality test's suggestion"}
 
 
-@st.cache_data(max_entries=32, show_spinner="Testing the norms for bimodality…")
-def _choice(key: str, requested: float | None, default: float | None, _norms) -> ThetaChoice:
-    return choose_theta(_norms, requested, default)
+@st.cache_data(max_entries=32, show_spinner="Looking for artifacts in the query norms…")
+def _evidence(key: str, num_prefix_tokens: int, grid_size: tuple[int, int], _norms) -> ArtifactEvidence:
+    return examine_norms(_norms, num_prefix_tokens=num_prefix_tokens, grid_size=grid_size)
 
 
-def choice(extraction: Extraction, requested: float | None = None) -> ThetaChoice:
-    """``choose_theta`` on the extraction's query norms, cached per extraction and request."""
-    return _choice(extraction.info.key, requested, extraction.info.default_theta, extraction.query_norms)
-
-
-def verdict(extraction: Extraction) -> BimodalityVerdict:
-    """The bimodality test of the query norms that the θ decision made."""
-    return choice(extraction).verdict
+def decision(extraction: Extraction, requested: float | None = None, rule: str = "minority") -> ThetaDecision:
+    """``decide_theta`` on the extraction's query norms (None asks for ``"auto"``); the norms examined once."""
+    info = extraction.info
+    evidence = _evidence(info.key, info.num_prefix_tokens, info.grid_size, extraction.query_norms)
+    return decide_theta(requested, extraction.query_norms, num_prefix_tokens=info.num_prefix_tokens,
+                        grid_size=info.grid_size, paper_theta=info.default_theta, rule=rule, evidence=evidence)
 
 
 def theta_range(extraction: Extraction) -> tuple[float, float]:
@@ -68,7 +64,7 @@ def theta_range(extraction: Extraction) -> tuple[float, float]:
     norms = extraction.query_norms[:, 1:]
     low = math.floor(float(norms.min()) / THETA_STEP) * THETA_STEP - THETA_STEP
     high = math.ceil(float(norms.max()) / THETA_STEP) * THETA_STEP + THETA_STEP
-    start = choice(extraction).value
+    start = decision(extraction).value
     if start is not None:
         low, high = min(low, start), max(high, start)
     return round(low, 2), round(high, 2)
@@ -92,7 +88,7 @@ def ensure(extraction: Extraction) -> None:
     if st.session_state.get("theta_for") == key:
         return
     requested_theta, requested_rule = st.session_state.pop("requested_theta", (None, None))
-    decided = choice(extraction, requested_theta)
+    decided = decision(extraction, requested_theta, requested_rule or "minority")
     low, high = theta_range(extraction)
     # No θ means no attenuation: a θ below every norm selects nothing under the minority rule.
     start = low if decided.value is None else min(max(decided.value, low), high)
@@ -119,19 +115,16 @@ def set_theta(theta: float, rule: str | None = None) -> None:
 
 
 def start_reason() -> str | None:
-    """Why θ started where it did on the current extraction, in one or two sentences; None before one."""
+    """Why θ started where it did on the current extraction: the library's reason; None before one."""
     started = st.session_state.get("theta_start")
     if started is None:
         return None
     decided, start = started
     if decided.value is None:
-        return f"θ started below every norm, so that nothing is attenuated. {decided.verdict.message}"
-    reason = f"θ started at {decided.value:.2f}, {ORIGIN_TEXT[decided.origin]}"
+        return f"{decided.reason} The slider starts below every norm, which selects nothing."
     if start != decided.value:
-        reason += f", shown as {start:.2f}, the slider's end, which splits the tokens the same way"
-    if not decided.verdict.bimodal:
-        reason += f". {decided.verdict.message}"
-    return reason + "."
+        return f"{decided.reason} Shown as {start:.2f}, the slider's end, which splits the tokens the same way."
+    return decided.reason
 
 
 def controls(extraction: Extraction) -> tuple[float, str]:

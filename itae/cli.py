@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from itae import __version__, reports
-from itae.choices import BACKENDS, RULES, SPLITS
+from itae.choices import BACKENDS, METRICS, RULES, SPLITS, THETA_WORDS
 from itae.data.sources import SOURCES
 from itae.errors import USER_ERRORS, BackboneError
 from itae.registry import REGISTRY, get_spec
@@ -112,10 +112,13 @@ def build_parser() -> argparse.ArgumentParser:
                   [data, _model_options(several=True), theta, protocol])
     command.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
 
-    command = add("sweep", "clustering ACC over a θ grid (the paper's Fig. 5)",
+    command = add("sweep", "a clustering metric over a θ grid (the paper's Fig. 5)",
                   [data, _model_options(), _protocol_options(sets=5, runs=10)])
-    command.add_argument("--thetas", default="1:8:0.25", metavar="START:STOP:STEP",
-                         help="the θ grid (default %(default)s)")
+    command.add_argument("--thetas", default="1:8:0.25", metavar="START:STOP:STEP|A,B,C",
+                         help="the θ grid, a range or a list (default %(default)s)")
+    command.add_argument("--metric", choices=METRICS,
+                         help="what to plot and rank by (default: acc with labels, else inertia); inertia and "
+                         "silhouette cluster without the labels")
     command.add_argument("--rule", choices=RULES, default="below",
                          help="artifact rule; the paper's sweep uses 'below' (default %(default)s)")
     command.add_argument("--out-dir", type=Path, default=Path("."), metavar="DIR",
@@ -179,7 +182,8 @@ def _model_options(several: bool = False) -> argparse.ArgumentParser:
     group.add_argument("--planted", action="store_true",
                        help="plant synthetic artifacts whose positions are known (a teaching and testing model; "
                        "every output says so) and score the detection against them")
-    group.add_argument("--device", metavar="DEV", help="cpu, cuda, cuda:1, mps (default: the best available)")
+    group.add_argument("--device", metavar="DEV",
+                       help="where the backbone runs: cpu, cuda, cuda:1, mps (default: the best available)")
     group.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default %(default)s)")
     group.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
                        help="decoding processes (default 0)")
@@ -191,9 +195,10 @@ def _model_options(several: bool = False) -> argparse.ArgumentParser:
 def _theta_options() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("ITAE")
-    group.add_argument("--theta", type=_theta_value, metavar="T|auto",
-                       help="artifact threshold θ, or 'auto' to test the query norms for bimodality "
-                       "(default: the model's θ from the paper, else auto)")
+    group.add_argument("--theta", type=_theta_value, default="auto", metavar="T|auto|paper|none",
+                       help="artifact threshold θ: a number (always used as given), 'auto' (θ only where the "
+                       "query norms show artifacts: a few isolated tokens per image, apart from the rest), "
+                       "'paper' (the paper's θ for the model) or 'none' (default %(default)s)")
     group.add_argument("--rule", choices=RULES, default="minority",
                        help="which side of θ is attenuated; 'minority' is the paper's Eq. 3 (default %(default)s)")
     return parent
@@ -210,6 +215,9 @@ def _protocol_options(sets: int = 20, runs: int = 25) -> argparse.ArgumentParser
                        help="number of clusters (default: the number of classes; needed without labels)")
     group.add_argument("--backend", choices=BACKENDS, default="auto",
                        help="K-Means implementation (default %(default)s)")
+    group.add_argument("--kmeans-device", metavar="DEV",
+                       help="where K-Means runs: cpu, cuda, cuda:1 (default: the backbone's device where the "
+                       "backend can run there, else cpu; scikit-learn and an MPS backbone mean cpu)")
     return parent
 
 
@@ -249,11 +257,12 @@ def _fraction(text: str) -> float:
 
 
 def _theta_value(text: str) -> float | str:
-    if text == "auto":
+    if text in THETA_WORDS:
         return text
-    value = _number(text, float, "a number or 'auto'")
+    words = ", ".join(repr(word) for word in THETA_WORDS)
+    value = _number(text, float, f"a number or one of {words}")
     if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number or 'auto', got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a finite number or one of {words}, got {text!r}")
     return value
 
 
@@ -271,8 +280,8 @@ def _number(text: str, kind: type, what: str):
 def cmd_models(args) -> int:
     """``itae models``: the registry as a table."""
     print(reports.models_table(list(REGISTRY.values())))
-    print("\ndefault θ: the paper's value (Sec. 4.2); none: no θ given there, so 'auto' tests the norms "
-          "for bimodality.")
+    print("\ndefault θ: the paper's value (Sec. 4.2), used with --theta paper; none: the paper gives no θ. "
+          "Every command decides θ with --theta auto unless told otherwise.")
     return 0
 
 

@@ -7,6 +7,10 @@ once a command that needs it was parsed, because torch, timm and scikit-learn ta
 Every subcommand that needs features goes through ``extract_cached``: a second run with the same model,
 weights, data, ``--limit`` and ``--seed`` reads them back from ``--cache-dir`` instead of running the
 backbone, and a new θ or rule is recomputed from the cached final block (``Extraction.itae``).
+
+θ is decided by the library's one policy, :func:`itae.theta.decide_theta`, and its reason is printed as is;
+``--device`` places the backbone and :func:`itae.devices.kmeans_device` places K-Means. Everything that can
+be refused (a θ request, a device, a metric without labels) is refused before any extraction.
 """
 from __future__ import annotations
 
@@ -23,12 +27,13 @@ from itae.backbones import Backbone, load_backbone
 from itae.checkpoints import demo_weights_file
 from itae.choices import SUPERVISED_METRICS, UNSUPERVISED_METRICS
 from itae.data import SOURCES, ImageDataset, balanced_subset, open_source
+from itae.devices import kmeans_device, resolve_device
 from itae.errors import ItaeError
 from itae.evaluate import cluster_protocol, knn_classify, stratified_split
-from itae.extract import Extraction, ItaeResult, extract_cached
-from itae.registry import REGISTRY
+from itae.extract import Extraction, ExtractionInfo, extract_cached
+from itae.registry import REGISTRY, get_spec
 from itae.settings import DEFAULT_MODEL, cache_dir, default_weights
-from itae.theta import ThetaChoice, choose_theta, parse_theta_range, suggest_theta, theta_sweep
+from itae.theta import ArtifactEvidence, ThetaDecision, decide_theta, parse_theta_range, resolve_theta_request, theta_sweep
 
 __all__ = ["run", "cmd_eval", "cmd_extract", "cmd_knn", "cmd_prepare_demo", "cmd_suggest_theta", "cmd_sweep"]
 
@@ -92,10 +97,16 @@ def _open_data(args, split: str | None = None) -> ImageDataset:
     return dataset
 
 
-def _load_backbone(model: str, weights: str | None, args) -> Backbone:
+def _load_backbone(model: str, weights: str | None, device: str | torch.device | None, planted: bool) -> Backbone:
     weights = weights or default_weights(model)
-    _status(f"loading {model} ({weights} weights{', planting artifacts' if args.planted else ''})")
-    return load_backbone(model, weights=weights, device=args.device, planted=args.planted)
+    _status(f"loading {model} ({weights} weights{', planting artifacts' if planted else ''})")
+    return load_backbone(model, weights=weights, device=device, planted=planted)
+
+
+def _devices(args) -> tuple[torch.device, torch.device]:
+    """(backbone device, K-Means device) of ``--device``, ``--backend`` and ``--kmeans-device``, or a refusal."""
+    backbone = resolve_device(args.device)
+    return backbone, kmeans_device(args.backend, backbone, args.kmeans_device)
 
 
 def _extract(backbone: Backbone, dataset: ImageDataset, args) -> Extraction:
@@ -109,35 +120,23 @@ def _extract(backbone: Backbone, dataset: ImageDataset, args) -> Extraction:
     return extraction
 
 
-def _theta_line(theta: ThetaChoice, extraction: Extraction, rule: str) -> str:
-    """One line saying what θ is used and why; warns when a θ splits a unimodal distribution."""
-    if theta.value is None:
-        return f"{theta.verdict.message} Reporting θ = none (ITAE = original)."
-    origin = reports.THETA_ORIGIN_TEXT[theta.origin]
-    fraction, per_image = reports.attenuation(extraction, theta.value, rule)
-    line = (f"θ = {theta.value:g} ({origin}), rule {rule}: attenuates {100 * fraction:.2f} % of the "
-            f"non-CLS tokens, {per_image:.1f} per image.")
-    if theta.verdict.bimodal:
-        line += f" {theta.verdict.message}"
-        if rule not in ("minority", theta.verdict.minority_side):
-            _warn(f"the artifact candidates lie {theta.verdict.minority_side} θ, but --rule {rule} attenuates "
-                  f"the tokens on the other side, the majority")
-    else:
-        _warn(f"the query norms are not bimodal, yet θ = {theta.value:g} is used as asked ({origin}); "
-              f"it attenuates {100 * fraction:.1f} % of the non-CLS tokens. {theta.verdict.message}")
-    return line
+def _decision(norms: np.ndarray, info: ExtractionInfo, requested, rule: str,
+              evidence: ArtifactEvidence | None = None) -> ThetaDecision:
+    """The library's θ policy on ``norms`` (n_images, n_tokens) of ``info``'s layout."""
+    return decide_theta(requested, norms, num_prefix_tokens=info.num_prefix_tokens, grid_size=info.grid_size,
+                        paper_theta=info.default_theta, rule=rule, evidence=evidence)
 
 
-def _itae(extraction: Extraction, theta: ThetaChoice, rule: str) -> ItaeResult:
-    """The ITAE features at ``theta``; with no θ, the original features unchanged."""
-    if theta.value is None:
-        no_artifacts = np.zeros(extraction.query_norms.shape, dtype=bool)
-        return ItaeResult(None, rule, extraction.features_original, extraction.attention_original, no_artifacts)
-    return extraction.itae(theta.value, rule)
+def _decide(norms: np.ndarray, info: ExtractionInfo, requested, rule: str) -> ThetaDecision:
+    """The θ the command runs with; its warning goes to stderr."""
+    decision = _decision(norms, info, requested, rule)
+    if decision.warning is not None:
+        _warn(decision.warning)
+    return decision
 
 
-def _check_clusterable(dataset: ImageDataset, clusters: int | None) -> None:
-    """Refuse data without labels or ``--clusters``, or with fewer images than clusters, before any model runs."""
+def _check_clusterable(dataset: ImageDataset, clusters: int | None) -> int:
+    """K; refuses data without labels or ``--clusters``, or with fewer images than clusters, before any model runs."""
     if clusters is None and dataset.labels is None:
         raise ValueError(f"{dataset.description} has no labels: give the number of clusters with --clusters K")
     # The source's classes, not those the subset happens to hold: --limit 5 of 10 classes must fail.
@@ -145,14 +144,16 @@ def _check_clusterable(dataset: ImageDataset, clusters: int | None) -> None:
     if len(dataset) < k:
         raise ValueError(f"{len(dataset)} images are fewer than the {k} clusters K-Means needs "
                          f"({dataset.description}); raise --limit to at least {k}")
+    return k
 
 
-def _protocol(features: np.ndarray, labels: np.ndarray | None, args, description: str | None = None) -> dict:
-    """The K-Means protocol (it L2-normalises) on ``features`` (N, C): ``ProtocolResult.to_dict()``."""
+def _protocol(features: np.ndarray, labels: np.ndarray | None, n_clusters: int, args, device: torch.device,
+              description: str | None = None) -> dict:
+    """The K-Means protocol (it L2-normalises) on ``features`` (N, C), on ``device``: ``ProtocolResult.to_dict()``."""
     with _Progress(description or "", "set") as progress:
         result = cluster_protocol(
-            features, labels=labels, n_clusters=args.clusters, sets=args.sets, runs=args.runs,
-            seed=args.seed, backend=args.backend, device=args.device,
+            features, labels=labels, n_clusters=n_clusters, sets=args.sets, runs=args.runs,
+            seed=args.seed, backend=args.backend, device=device,
             progress=progress if description else None,
         )
     return result.to_dict()
@@ -184,13 +185,13 @@ def _json_default(value):
 def cmd_extract(args) -> int:
     """``itae extract``: original and ITAE features, labels and query norms to one .npz."""
     dataset = _open_data(args)
-    backbone = _load_backbone(args.model, args.weights, args)
+    backbone = _load_backbone(args.model, args.weights, args.device, args.planted)
+    resolve_theta_request(args.theta, backbone.default_theta)
     extraction = _extract(backbone, dataset, args)
-    theta = choose_theta(extraction.query_norms, args.theta, backbone.default_theta)
-    theta_line = _theta_line(theta, extraction, args.rule)
-    result = _itae(extraction, theta, args.rule)
+    decision = _decide(extraction.query_norms, extraction.info, args.theta, args.rule)
+    result = extraction.itae(decision.value, args.rule)
     path = extraction.save(args.out, itae=result, include_cache=args.with_cache)
-    print(reports.extract_summary(extraction, str(backbone.device), theta_line, path))
+    print(reports.extract_summary(extraction, str(backbone.device), decision.reason, path))
     return 0
 
 
@@ -198,9 +199,13 @@ def cmd_eval(args) -> int:
     """``itae eval``: the K-Means protocol on original and ITAE features, per model."""
     models = args.model or [DEFAULT_MODEL]
     weights = _pair_weights(models, args.weights)
+    for model in models:
+        resolve_theta_request(args.theta, get_spec(model).default_theta)
+    devices = _devices(args)
     dataset = _open_data(args)
-    _check_clusterable(dataset, args.clusters)
-    results = [_evaluate_model(model, model_weights, dataset, args) for model, model_weights in zip(models, weights)]
+    k = _check_clusterable(dataset, args.clusters)
+    results = [_evaluate_model(model, model_weights, dataset, k, args, *devices)
+               for model, model_weights in zip(models, weights)]
     print()
     print(reports.eval_report(results, args.rule, args.sets, args.runs, args.seed))
     if args.json is not None:
@@ -220,18 +225,20 @@ def _pair_weights(models: list[str], weights: list[str] | None) -> list[str | No
     return list(weights)
 
 
-def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, args) -> dict:
+def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, k: int, args,
+                    backbone_device: torch.device, kmeans_on: torch.device) -> dict:
     """One model's row block: the JSON object of ``itae eval --json``."""
-    backbone = _load_backbone(model, weights, args)
+    backbone = _load_backbone(model, weights, backbone_device, args.planted)
     extraction = _extract(backbone, dataset, args)
-    theta = choose_theta(extraction.query_norms, args.theta, backbone.default_theta)
-    print(_theta_line(theta, extraction, args.rule))
-    original = _protocol(extraction.features_original, extraction.labels, args, f"K-Means original ({model})")
-    result = _itae(extraction, theta, args.rule)
-    if theta.value is None:
+    decision = _decide(extraction.query_norms, extraction.info, args.theta, args.rule)
+    print(decision.reason)
+    labels = extraction.labels
+    original = _protocol(extraction.features_original, labels, k, args, kmeans_on, f"K-Means original ({model})")
+    result = extraction.itae(decision.value, args.rule)
+    if decision.value is None:
         itae = original  # identical features: the protocol would repeat itself exactly
     else:
-        itae = _protocol(result.features, extraction.labels, args, f"K-Means ITAE ({model})")
+        itae = _protocol(result.features, labels, k, args, kmeans_on, f"K-Means ITAE ({model})")
     planted = extraction.planted_mask is not None
     return {
         "model": model,
@@ -240,14 +247,16 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, args
         "data": extraction.info.data,
         "n_images": len(extraction),
         "n_skipped": len(extraction.skipped),
-        "theta": theta.value,
-        "theta_origin": reports.THETA_ORIGIN_TEXT[theta.origin],
-        "bimodality": theta.verdict.to_dict(),
+        "theta": decision.value,
+        "theta_origin": decision.origin,
+        "theta_decision": decision.to_dict(),
         "rule": args.rule,
         "sets": args.sets,
         "runs": args.runs,
         "seed": args.seed,
-        "n_clusters": original.get("n_clusters"),
+        "backbone_device": str(backbone_device),
+        "kmeans_device": str(kmeans_on),
+        "n_clusters": k,
         "original": _metrics(original),
         "itae": _metrics(itae),
         "planted_detection": extraction.detection_scores(result.artifact_mask).to_dict() if planted else None,
@@ -255,59 +264,64 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, args
 
 
 def cmd_sweep(args) -> int:
-    """``itae sweep``: the protocol's ACC at every θ of a grid, from the cached final block."""
+    """``itae sweep``: a clustering metric at every θ of a grid (the paper's Fig. 5), from the cached final block."""
     thetas = parse_theta_range(args.thetas)
+    backbone_device, kmeans_on = _devices(args)
     dataset = _open_data(args)
-    if dataset.labels is None:
-        raise ValueError(f"the θ sweep scores clustering ACC and needs labelled data; {dataset.description} "
-                         "has no labels")
-    _check_clusterable(dataset, args.clusters)
-    backbone = _load_backbone(args.model, args.weights, args)
+    metric = args.metric or (SUPERVISED_METRICS[0] if dataset.labels is not None else UNSUPERVISED_METRICS[0])
+    supervised = metric in SUPERVISED_METRICS
+    if supervised and dataset.labels is None:
+        raise ValueError(f"--metric {metric} scores clusters against labels and {dataset.description} has none; "
+                         f"choose --metric {' or '.join(UNSUPERVISED_METRICS)} (with --clusters K)")
+    k = _check_clusterable(dataset, args.clusters)
+    backbone = _load_backbone(args.model, args.weights, backbone_device, args.planted)
     extraction = _extract(backbone, dataset, args)
-    original = _metrics(_protocol(extraction.features_original, extraction.labels, args, "K-Means original"))
+    # Unsupervised metrics cluster without the labels: the protocol scores the silhouette only then.
+    labels = extraction.labels if supervised else None
 
     def score(features: np.ndarray) -> dict:
-        return _metrics(_protocol(features, extraction.labels, args))
+        return _metrics(_protocol(features, labels, k, args, kmeans_on))
 
+    original = score(extraction.features_original)
+    settings = {"model": extraction.info.label, "data": extraction.info.data, "n_clusters": k,
+                "sets": args.sets, "runs": args.runs, "seed": args.seed}
     with _Progress(f"θ sweep ({args.rule})", "θ") as progress:
         result = theta_sweep(
             extraction.query_norms, lambda theta, rule: extraction.itae(theta, rule).features, score, thetas,
             rule=args.rule, num_prefix_tokens=extraction.info.num_prefix_tokens,
-            original_score=original, progress=progress,
+            original_score=original, progress=progress, settings=settings,
         )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     csv_path, png_path = args.out_dir / "sweep.csv", args.out_dir / "sweep.png"
     result.to_csv(csv_path)
-    result.plot_png(png_path, metric="acc")
-    print(reports.sweep_report(result, extraction, args.sets, args.runs))
+    result.plot_png(png_path, metric=metric)
+    print(reports.sweep_report(result, metric))
     print(f"\nWrote {csv_path} and {png_path}")
     return 0
 
 
 def cmd_suggest_theta(args) -> int:
-    """``itae suggest-theta``: the bimodality verdict and an ASCII histogram of the query norms."""
+    """``itae suggest-theta``: what the query norms show, θ decided as asked, and an ASCII histogram."""
     dataset = _open_data(args)
-    backbone = _load_backbone(args.model, args.weights, args)
+    backbone = _load_backbone(args.model, args.weights, args.device, args.planted)
+    resolve_theta_request(args.theta, backbone.default_theta)
     extraction = _extract(backbone, dataset, args)
-    norms = extraction.query_norms
-    verdict = suggest_theta(norms[:, 1:])
-    registers = extraction.info.num_registers
-    marks = {}
-    if verdict.theta is not None:
-        marks[verdict.theta] = f"suggested θ = {verdict.theta:.2f}"
-    others = {"paper": backbone.default_theta, "given": args.theta}
-    for origin, value in others.items():
-        if isinstance(value, float) and value != verdict.theta:
-            marks[value] = f"θ = {value:g} ({reports.THETA_ORIGIN_TEXT[origin]})"
-    print(reports.verdict_report(verdict, extraction, marks, args.rule))
+    norms, info = extraction.query_norms, extraction.info
+    decision = _decision(norms, info, args.theta, args.rule)  # its warning is part of the report
+    # The other requests for comparison: auto, and the paper's θ where the paper gives one.
+    others = [request for request in ("auto", "paper") if request != decision.origin
+              and (request != "paper" or info.default_theta is not None)]
+    decisions = [decision] + [_decision(norms, info, request, args.rule, decision.evidence) for request in others]
+    print(reports.verdict_report(decisions, extraction))
     print()
+    registers = info.num_registers
     print("\n".join(reports.ascii_histogram(norms[:, 1 + registers:], norms[:, 1:1 + registers], bins=args.bins,
-                                            marks=marks)))
+                                            marks=reports.theta_marks(decisions))))
     if args.json is not None:
         _write_json(args.json, {
-            "model": args.model, "label": extraction.info.label, "weights": extraction.info.weights,
-            "data": extraction.info.data, "n_images": len(extraction), "num_registers": registers,
-            "default_theta": backbone.default_theta, "verdict": verdict.to_dict(),
+            "model": args.model, "label": info.label, "weights": info.weights, "data": info.data,
+            "n_images": len(extraction), "num_registers": registers, "default_theta": info.default_theta,
+            "theta_decision": decision.to_dict(),
         })
         print(f"\nWrote {args.json}")
     return 0
@@ -322,19 +336,20 @@ def cmd_knn(args) -> int:
     for dataset in (bank_data, query_data):
         if dataset.labels is None:
             raise ValueError(f"k-NN accuracy needs labelled data; {dataset.description} has no labels")
-    backbone = _load_backbone(args.model, args.weights, args)
+    backbone = _load_backbone(args.model, args.weights, args.device, args.planted)
+    resolve_theta_request(args.theta, backbone.default_theta)
     bank = _extract(backbone, bank_data, args)
     queries = bank if query_data is bank_data else _extract(backbone, query_data, args)
     norms = bank.query_norms if queries is bank else np.concatenate([bank.query_norms, queries.query_norms])
-    theta = choose_theta(norms, args.theta, backbone.default_theta)
-    print(_theta_line(theta, bank, args.rule))
+    decision = _decide(norms, bank.info, args.theta, args.rule)
+    print(decision.reason)
     if queries is bank:
         bank_rows, query_rows = stratified_split(bank.labels, test_fraction=args.test_fraction, seed=args.seed)
     else:
         bank_rows, query_rows = np.arange(len(bank)), np.arange(len(queries))
     accuracy = {}
     for name, features_of in (("original", lambda e: e.features_original),
-                              ("itae", lambda e: _itae(e, theta, args.rule).features)):
+                              ("itae", lambda e: e.itae(decision.value, args.rule).features)):
         bank_features = features_of(bank)
         query_features = bank_features if queries is bank else features_of(queries)
         accuracy[name] = knn_classify(
@@ -345,7 +360,7 @@ def cmd_knn(args) -> int:
         "model": args.model, "label": bank.info.label, "weights": bank.info.weights,
         "memory_bank": {"data": bank.info.data, "n_images": len(bank_rows)},
         "queries": {"data": queries.info.data, "n_images": len(query_rows)},
-        "k": args.k, "temperature": args.temperature, "theta": theta.value, "rule": args.rule,
+        "k": args.k, "temperature": args.temperature, "theta": decision.value, "rule": args.rule,
         "accuracy": accuracy,
     }
     print()

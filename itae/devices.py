@@ -5,10 +5,13 @@ import torch
 
 from itae.errors import DeviceError
 
-__all__ = ["DEVICE_TYPES", "available_devices", "resolve_device"]
+__all__ = ["DEVICE_TYPES", "KMEANS_DEVICE_TYPES", "available_devices", "kmeans_device", "resolve_device"]
 
 DEVICE_TYPES = ("cuda", "mps", "cpu")
 """Every device type itae runs on, best first."""
+
+KMEANS_DEVICE_TYPES = ("cuda", "cpu")
+"""Where the torch K-Means runs: it sums in float64, which MPS lacks."""
 
 
 def available_devices() -> list[str]:
@@ -61,3 +64,34 @@ def resolve_device(
         raise DeviceError(f"device {chosen} was asked for but this machine has no {chosen.type.upper()}; "
                           f"use one of {', '.join(available)}")
     return chosen
+
+
+def kmeans_device(backend: str, backbone_device: torch.device, device: str | torch.device | None = None) -> torch.device:
+    """Where K-Means runs, decided with the backbone's device before any feature is extracted.
+
+    By default K-Means follows the backbone where it can: onto CUDA with the torch backend, and onto
+    the CPU when the backbone is on MPS (float64 sums) or the backend is scikit-learn (CPU only).
+
+    Parameters
+    ----------
+    backend : {"auto", "sklearn", "torch"}
+        The K-Means backend (:func:`itae.evaluate.kmeans`).
+    backbone_device : torch.device
+        Where the backbone runs, as :func:`resolve_device` resolved it.
+    device : str or torch.device, optional
+        An explicit K-Means device; None or ``"auto"`` follows the backbone as above.
+
+    Returns
+    -------
+    torch.device
+
+    Raises
+    ------
+    DeviceError
+        If ``device`` cannot run ``backend`` (MPS; CUDA with scikit-learn) or is missing from this machine.
+    """
+    supported = ("cpu",) if backend == "sklearn" else KMEANS_DEVICE_TYPES
+    purpose = "scikit-learn's K-Means" if backend == "sklearn" else "the torch K-Means (its sums are float64)"
+    if device is not None and device != "auto":
+        return resolve_device(device, supported=supported, purpose=purpose)
+    return backbone_device if backbone_device.type in supported else torch.device("cpu")

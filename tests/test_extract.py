@@ -74,11 +74,30 @@ def test_extraction_matches_the_model_and_the_cache_matches_a_full_forward_pass(
             assert result.artifact_mask.shape == extraction.query_norms.shape and not result.artifact_mask[:, 0].any()
     below = extraction.itae(thetas[1], "below")
     assert np.abs(below.features - extraction.features_original).max() > 1e-3
-    # Eq. 6: every artifact gets the row's smallest non-CLS logit, hence the row's smallest attention.
-    row_min = below.attention[:, :, 1:].min(axis=-1, keepdims=True)
-    artifacts = np.broadcast_to(below.artifact_mask[:, None, :], below.attention.shape)
-    assert artifacts.any()
-    np.testing.assert_allclose(below.attention[artifacts], np.broadcast_to(row_min, below.attention.shape)[artifacts], rtol=1e-5)
+
+
+def test_the_attenuated_attention_matches_eq6_written_here():
+    backbone, dataset = tiny_backbone(), ListDataset(10)
+    extraction = extract(backbone, dataset, batch_size=4)
+    # The original CLS-row logits the cache keeps, with each row's own CLS column made its smallest logit:
+    # there a minimum taken over the whole row gives other numbers than Eq. 6's minimum over 1 <= j <= N.
+    logits = extraction.cache.cls_logits
+    logits[:, :, 0] = logits.min(axis=-1) - 2.0
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+
+    result = extraction.itae(theta, "below", batch_size=3)
+
+    attenuated = result.artifact_mask.any(axis=1)
+    assert attenuated.sum() >= 8
+    for n in np.flatnonzero(attenuated):
+        artifacts = [j for j in range(1, logits.shape[-1]) if extraction.query_norms[n, j] <= theta]  # Eq. 2
+        for h in range(logits.shape[1]):
+            row = logits[n, h].astype(np.float64)
+            smallest = min(row[j] for j in range(1, len(row)))  # Eq. 6: the CLS column (j = 0) excluded
+            row[artifacts] = smallest
+            weights = np.exp(row - row.max())
+            np.testing.assert_allclose(result.attention[n, h], weights / weights.sum(), atol=1e-6, rtol=0)
+    assert np.array_equal(result.attention[~attenuated], extraction.attention_original[~attenuated])
 
 
 def test_a_new_theta_never_runs_the_backbone(monkeypatch):
@@ -169,6 +188,8 @@ def test_bad_arguments():
         extract(backbone, ListDataset(0))
     with pytest.raises(ValueError, match="rule must be one of"):
         extract(backbone, ListDataset(2)).itae(1.0, "sideways")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        extract(backbone, ListDataset(2), precision="fp16")
 
 
 def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
@@ -185,3 +206,61 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
         extraction.save(tmp_path / "features.npz")
     assert [p.name for p in tmp_path.iterdir()] == ["features.npz"]  # no .part file left behind
     assert (tmp_path / "features.npz").read_bytes() == before  # and the old file untouched
+
+
+def test_an_empty_artifact_mask_returns_the_original_features_bit_for_bit():
+    backbone, dataset = tiny_backbone(), ListDataset(8)
+    extraction = extract(backbone, dataset, batch_size=3)
+    norms = extraction.query_norms[:, 1:]
+    for theta, rule in [(None, "minority"), (float(norms.min()) - 1, "below"), (float(norms.max()) + 1, "minority")]:
+        result = extraction.itae(theta, rule, batch_size=3)
+        assert not result.artifact_mask.any()
+        assert np.array_equal(result.features, extraction.features_original), (theta, rule)
+        assert np.array_equal(result.attention, extraction.attention_original), (theta, rule)
+    # Only the image holding the lowest token has an artifact at that θ: the others keep their features.
+    image = int(np.argmin(norms.min(axis=1)))
+    result = extraction.itae(float(norms.min()), "below", batch_size=3)
+    untouched = ~result.artifact_mask.any(axis=1)
+    assert untouched.sum() == 7 and not untouched[image]
+    assert np.array_equal(result.features[untouched], extraction.features_original[untouched])
+    assert np.abs(result.features[image] - extraction.features_original[image]).max() > 1e-4
+
+
+def test_a_bf16_extraction_is_reevaluated_at_bf16_exactly_as_a_full_forward_pass():
+    backbone, dataset = tiny_backbone(), ListDataset(10)
+    extraction = extract(backbone, dataset, batch_size=4, precision="bf16")
+    assert extraction.info.precision == "bf16" and extraction.cache.values_dtype == "bfloat16"
+    float32 = extract(backbone, dataset, batch_size=4)
+    x = batch_of(backbone, dataset, range(10))
+    for theta in np.quantile(extraction.query_norms[:, 1:], [0.2, 0.5, 0.9]):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            full = cls_features(backbone.model, x, float(theta), "below").float()
+        result = extraction.itae(float(theta), "below", batch_size=3)
+        torch.testing.assert_close(torch.from_numpy(result.features), full, atol=1e-6, rtol=0)
+        # The two precisions differ far more than that tolerance: the comparison can tell them apart.
+        assert np.abs(result.features - float32.itae(float(theta), "below").features).max() > 1e-3
+
+
+def test_a_cache_written_at_bf16_is_never_read_at_fp32_and_the_reverse(tmp_path, monkeypatch):
+    backbone, dataset = tiny_backbone(), ListDataset(4)
+    real_extract, calls = extract_module.extract, []
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs["precision"])
+        return real_extract(*args, **kwargs)
+
+    monkeypatch.setattr(extract_module, "extract", counted)
+    bf16 = extract_cached(backbone, dataset, tmp_path, precision="bf16")
+    fp32 = extract_cached(backbone, dataset, tmp_path, precision="fp32")
+    assert calls == ["bf16", "fp32"] and bf16.info.key != fp32.info.key
+    again = [extract_cached(backbone, dataset, tmp_path, precision=p) for p in ("fp32", "bf16", "auto")]
+    assert calls == ["bf16", "fp32"]  # each read back from its own file; "auto" on a CPU is fp32
+    assert [e.info.precision for e in again] == ["fp32", "bf16", "fp32"]
+    assert np.array_equal(again[1].features_original, bf16.features_original)
+    assert not np.array_equal(again[0].features_original, bf16.features_original)
+    for written, other in ((bf16, "fp32"), (fp32, "bf16")):
+        with pytest.raises(StaleCacheError, match="precision"):
+            Extraction.load(tmp_path / "features" / f"{written.info.key}.npz", backbone, dataset.fingerprint, other)
+    loaded = Extraction.load(tmp_path / "features" / f"{bf16.info.key}.npz", backbone, dataset.fingerprint)
+    theta = float(np.median(bf16.query_norms[:, 1:]))
+    assert np.array_equal(loaded.itae(theta).features, bf16.itae(theta).features)

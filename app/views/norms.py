@@ -7,6 +7,7 @@ from plotly.subplots import make_subplots
 
 import state
 import threshold
+from itae.theta import ARTIFACTS, TOO_LITTLE_DATA
 
 BINS = 80
 NO_ARTIFACT_ADVICE = (
@@ -103,18 +104,21 @@ def theta_area(extraction) -> None:
 
 
 def show_verdict(extraction) -> None:
-    found = threshold.verdict(extraction)
-    if found.bimodal:
-        st.success(
-            f"{found.message} Suggested θ = {found.theta:.2f}: the {found.minority_side} side holds "
-            f"{found.minority_fraction:.1%} of the tokens."
-        )
-        st.button(f"Apply the suggested θ = {found.theta:.2f} (minority rule)", on_click=threshold.set_theta, args=(found.theta, "minority"))
+    """What the library concludes from the norms (``decide_theta``'s evidence), with a way to apply its θ."""
+    evidence = threshold.decision(extraction).evidence
+    if evidence.verdict == ARTIFACTS:
+        st.success(evidence.reason)
+        st.button(f"Apply the suggested θ = {evidence.theta:.2f} (minority rule)", on_click=threshold.set_theta,
+                  args=(evidence.theta, "minority"))
+    elif evidence.verdict == TOO_LITTLE_DATA:
+        st.info(evidence.reason)
+        st.button(f"Apply θ = {evidence.theta:.2f} anyway (minority rule)", on_click=threshold.set_theta,
+                  args=(evidence.theta, "minority"))
     else:
         st.warning(NO_ARTIFACT_ADVICE)
-    with st.expander("Details of the bimodality test"):
-        st.write(found.message)
-        details = {key: value for key, value in found.to_dict().items() if key != "message"}
+    with st.expander("Details of the artifact test"):
+        st.write(evidence.reason)
+        details = {key: value for key, value in evidence.to_dict().items() if key not in ("reason", "image_fractions")}
         st.dataframe(pd.DataFrame({"value": [str(v) for v in details.values()]}, index=list(details)))
 
 
