@@ -7,27 +7,37 @@ On the same machine and the same data, set by set in rotating order:
 - ``faiss``: ``faiss.Kmeans(D, K, niter=..., nredo=25, seed=s)`` on CPU, every point used
   (``max_points_per_centroid`` raised so faiss does not subsample), bench-only dependency.
 
-Data: 10,000 L2-normalised vectors drawn as Gaussian blobs on the sphere (K blobs of unequal size,
-noise chosen so a point's cosine to its centre is about 0.7, like real ViT features). Inertia is
-recomputed from each method's centres the same way for all three. Reported per (K, D): median
-seconds per set, the speed ratio to scikit-learn (median over sets), and the mean best inertia as a
-relative gap to scikit-learn's. Targets: ours within 0.5 % of scikit-learn's inertia; >= 5x faster
-on CPU, >= 50x on a GPU.
+Every case runs at one thread per library and at ``--threads`` (default: every core), one after the
+other in the same process, and the two are printed side by side. Data: 10,000 L2-normalised vectors
+drawn as Gaussian blobs on the sphere (K blobs of unequal size, noise chosen so a point's cosine to
+its centre is about 0.7, like real ViT features); with ``--features FILE`` also those features
+(a ``.npy`` array or the ``.npz`` of ``itae extract --out``; L2-normalised here), at every K. Inertia is recomputed from each method's centres the same way for
+all three. Reported per (data, K, D, threads): median seconds per set, the speed ratio to
+scikit-learn (median over sets), and the mean best inertia as a relative gap to scikit-learn's.
+Targets: ours within 0.5 % of scikit-learn's inertia; >= 5x faster on CPU, >= 50x on a GPU.
 
 The paper's protocol is 20 sets; at K = 100, D = 768 scikit-learn takes ~15-30 s per set on 2 cores,
 so the default here is 2 sets: the per-set ratio is the figure.
 
-    python bench/bench_kmeans.py                                  # 2 sets, K 10/100, D 384/768, CPU
+    python bench/bench_kmeans.py                                  # 2 sets, K 10/100, D 384/768, 1 and all threads
+    python bench/bench_kmeans.py --threads 1                      # one thread only
+    python -m itae extract --data fashion-mnist --out fm.npz      # real features (10,000 images: ~15-30 min on CPU)
+    python bench/bench_kmeans.py --features fm.npz --dims --k 10  # those only, K = 10
     python bench/bench_kmeans.py --device cuda --sets 20          # the full protocol, ours on the GPU
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import statistics
+from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.cluster import KMeans
+from sklearn.preprocessing import normalize
+from threadpoolctl import threadpool_limits
 
 import _common
 from itae.evaluate import kmeans
@@ -58,6 +68,23 @@ def inertia(X: np.ndarray, centres: np.ndarray) -> float:
     X64, C64 = X.astype(np.float64), centres.astype(np.float64)
     d2 = (X64**2).sum(1, keepdims=True) - 2 * X64 @ C64.T + (C64**2).sum(1)
     return float(np.maximum(d2.min(1), 0).sum())
+
+
+@contextlib.contextmanager
+def thread_count(threads: int):
+    """Run torch, BLAS, OpenMP (scikit-learn) and faiss on ``threads`` threads; restore them afterwards."""
+    torch_before = torch.get_num_threads()
+    faiss_before = faiss.omp_get_max_threads() if faiss is not None else None
+    torch.set_num_threads(threads)
+    if faiss is not None:
+        faiss.omp_set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads):
+            yield
+    finally:
+        torch.set_num_threads(torch_before)
+        if faiss is not None:
+            faiss.omp_set_num_threads(faiss_before)
 
 
 def methods(X: np.ndarray, k: int, device: torch.device, faiss_niter: int) -> dict:
@@ -106,39 +133,67 @@ def bench_case(X: np.ndarray, k: int, sets: int, device: torch.device, faiss_nit
     }
 
 
+def load_features(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """L2-normalised float32 features (n, D) and their labels (n,) or None, from a ``.npy`` array or
+    the ``.npz`` that ``itae extract --out`` writes (its ``features_original`` and ``labels``)."""
+    if path.suffix == ".npz":
+        with np.load(path) as arrays:
+            X, labels = arrays["features_original"], arrays["labels"] if "labels" in arrays else None
+    else:
+        X, labels = np.load(path), None
+    return normalize(X).astype(np.float32), labels
+
+
+def datasets(args) -> list[tuple[str, int, np.ndarray]]:
+    """(name, K, X) for every case: the blobs at every D and K, and the given features at every K."""
+    cases = [("blobs", k, sphere_blobs(args.n, dim, k)) for dim in args.dims for k in args.k]
+    if args.features is not None:
+        X, _ = load_features(args.features)
+        cases += [(args.features.stem, k, X) for k in args.k]
+    return cases
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_device_args(parser, precision=False)
     parser.add_argument("--sets", type=int, default=2, help="sets of 25 initialisations (the paper: 20)")
     parser.add_argument("--n", type=int, default=10_000, help="vectors")
     parser.add_argument("--k", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--dims", type=int, nargs="+", default=[384, 768])
+    parser.add_argument("--dims", type=int, nargs="*", default=[384, 768], help="blob dimensions (none: no blobs)")
+    parser.add_argument("--features", type=Path, help="also cluster these features: .npy (n, D), or the .npz of `itae extract`")
     parser.add_argument("--faiss-niter", type=int, default=50, help="faiss Lloyd iterations per initialisation")
     args = parser.parse_args(argv)
     device, _ = _common.resolve(args.device)
     target = 50 if device.type == "cuda" else 5
-    _common.limit_threads(args.threads)
-    if faiss is not None and args.threads is not None:
-        faiss.omp_set_num_threads(args.threads)
+    all_threads = args.threads or len(os.sched_getaffinity(0))
+    thread_counts = sorted({1, all_threads})
     print(_common.machine())
     if faiss is None:
         print("faiss is not installed (pip install -r bench/requirements.txt): its column is left out")
-    print(f"{args.n:,} unit vectors, {args.sets} set(s) x {N_INIT} initialisations, best inertia per set; ours on {device}")
+    print(f"{args.sets} set(s) x {N_INIT} initialisations, best inertia per set; ours on {device}; "
+          f"threads per library: {' and '.join(map(str, thread_counts))}")
     results = []
-    for dim in args.dims:
-        for k in args.k:
-            X = sphere_blobs(args.n, dim, k)
-            case = bench_case(X, k, args.sets, device, args.faiss_niter)
-            results.append({"k": k, "dim": dim, "methods": case})
-            print(f"\nK={k}  D={dim}")
-            print(f"  {'method':<9}{'s/set':>9}{'x sklearn speed':>17}{'inertia gap':>13}")
-            for name, row in case.items():
-                print(f"  {name:<9}{row['median_s_per_set']:>9.2f}{row['speedup_vs_sklearn']:>17.2f}{row['inertia_gap_vs_sklearn']:>+13.3%}")
-            ours = case["ours"]
-            speed_ok = ours["speedup_vs_sklearn"] >= target
-            quality_ok = ours["inertia_gap_vs_sklearn"] <= 0.005
-            print(f"  ours: speed {'ok' if speed_ok else 'MISS'} (target >= {target}x), quality {'ok' if quality_ok else 'MISS'} (target within +0.5 %)")
-    out = {"figure": "kmeans", "device": str(device), "sets": args.sets, "n": args.n, "threads": args.threads,
+    for name, k, X in datasets(args):
+        cells = {}
+        for threads in thread_counts:
+            with thread_count(threads):
+                cells[threads] = bench_case(X, k, args.sets, device, args.faiss_niter)
+            results.append({"data": name, "k": k, "dim": X.shape[1], "n": len(X), "threads": threads, "methods": cells[threads]})
+        print(f"\n{name}  K={k}  D={X.shape[1]}  n={len(X):,}")
+        print(f"  {'':<9}" + "".join(f"{f'{t} thread' + ('s' if t > 1 else ''):^36}" for t in thread_counts))
+        print(f"  {'method':<9}" + f"{'s/set':>9}{'x sklearn':>11}{'inertia gap':>14}  " * len(thread_counts))
+        for method in cells[thread_counts[0]]:
+            print(f"  {method:<9}" + "".join(
+                f"{row['median_s_per_set']:>9.2f}{row['speedup_vs_sklearn']:>11.2f}{row['inertia_gap_vs_sklearn']:>+14.3%}  "
+                for row in (cells[t][method] for t in thread_counts)))
+    print(f"\nSummary: ours vs scikit-learn (speed ratio, inertia gap); targets >= {target}x, within +0.5 %")
+    for row in results:
+        ours = row["methods"]["ours"]
+        speed_ok = ours["speedup_vs_sklearn"] >= target
+        quality_ok = ours["inertia_gap_vs_sklearn"] <= 0.005
+        print(f"  {row['data']:<10} K={row['k']:<4} D={row['dim']:<4} threads {row['threads']}: "
+              f"{ours['speedup_vs_sklearn']:6.2f}x {'ok  ' if speed_ok else 'MISS'}  {ours['inertia_gap_vs_sklearn']:+.3%} {'ok' if quality_ok else 'MISS'}")
+    out = {"figure": "kmeans", "device": str(device), "sets": args.sets, "n": args.n, "thread_counts": thread_counts,
            "target_speedup": target, "results": results}
     _common.write_json(args.json, out)
     return out

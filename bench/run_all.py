@@ -50,9 +50,9 @@ def summary(name: str, r: dict) -> list[str]:
                 f"forward / itae = {r['ratio_forward_to_itae']:,.0f}x; cached vs forward max abs diff {worst:.1e}"]
     if name == "kmeans":
         return [
-            f"K={c['k']} D={c['dim']}: " + ", ".join(
+            f"{c['data']} K={c['k']} D={c['dim']}: " + ", ".join(
                 f"{m} {row['speedup_vs_sklearn']:.2f}x ({row['inertia_gap_vs_sklearn']:+.2%})" for m, row in c["methods"].items()
-            ) + f" (speed vs sklearn, inertia gap; threads: {r['threads'] or 'all'})"
+            ) + f" (speed vs sklearn, inertia gap; threads: {c['threads']})"
             for c in r["results"]
         ]
     if name == "end_to_end":

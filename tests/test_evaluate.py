@@ -7,6 +7,7 @@ import pytest
 import torch
 from sklearn.datasets import make_blobs
 from sklearn.metrics import adjusted_rand_score
+from sklearn.preprocessing import normalize
 from threadpoolctl import threadpool_limits
 
 from itae import evaluate
@@ -45,6 +46,17 @@ def single_thread():
 @pytest.fixture(scope="module")
 def easy_blobs():
     X, y = make_blobs(n_samples=2000, centers=10, n_features=16, cluster_std=1.0, random_state=0)
+    return X.astype(np.float32), y
+
+
+@pytest.fixture(scope="module")
+def sphere_blobs():
+    # Unit vectors in 10 blobs of unequal size, as L2-normalised features: runs that seed two centres
+    # in one blob end several per cent worse than the others, so the hopeless-run rule prunes many.
+    rng = np.random.default_rng(0)
+    centres = normalize(rng.standard_normal((10, 16)))
+    y = rng.choice(10, size=3000, p=rng.dirichlet(np.full(10, 5.0)))
+    X = normalize(centres[y] + 0.15 * rng.standard_normal((3000, 16)))
     return X.astype(np.float32), y
 
 
@@ -117,6 +129,13 @@ def test_torch_kmeans_reaches_sklearn_inertia(request, blobs, n_clusters):
     assert np.mean(ours) <= 1.005 * np.mean(ref)
 
 
+def test_torch_kmeans_with_the_protocols_25_runs_reaches_sklearn_inertia(sphere_blobs):
+    X, _ = sphere_blobs
+    ours = [kmeans(X, 10, n_init=25, seed=s, backend="torch", device="cpu").inertia_ for s in range(3)]
+    ref = [kmeans(X, 10, n_init=25, seed=s, backend="sklearn").inertia_ for s in range(3)]
+    assert np.mean(ours) <= 1.005 * np.mean(ref)
+
+
 def test_torch_kmeans_on_normalised_features_reaches_sklearn_inertia(hard_blobs):
     X = l2_normalize(hard_blobs[0])
     ours = np.mean([kmeans(X, 25, n_init=10, seed=s, backend="torch", device="cpu").inertia_ for s in range(4)])
@@ -139,6 +158,49 @@ def test_torch_kmeans_is_reproducible_for_a_seed_and_seeds_differ(hard_blobs):
     runs = [kmeans(X, 25, n_init=2, seed=seed, backend="torch", device="cpu") for seed in (0, 0, 1, 2, 3)]
     assert np.array_equal(runs[0].labels_, runs[1].labels_) and runs[0].inertia_ == runs[1].inertia_
     assert len({round(run.inertia_, 3) for run in runs[1:]}) > 1
+
+
+def test_hopeless_runs_are_far_behind_and_closing_in_too_slowly():
+    best = torch.tensor(100.0, dtype=torch.float64)
+    # inertia after this iteration, and the one before
+    current = torch.tensor([101.9, 103.0, 103.0, 100.0], dtype=torch.float64)
+    previous = torch.tensor([101.9, 103.01, 103.1, 105.0], dtype=torch.float64)
+    # 1.9 % behind: never pruned; 3 % behind, 20 more steps of 0.01 leave it > 2 % behind: pruned;
+    # 3 % behind but 20 steps of 0.1 would bring it within 2 %: kept; the best itself: kept.
+    hopeless = evaluate._hopeless(current, previous, best)
+    assert hopeless.tolist() == [False, True, False, False]
+
+
+def test_pruning_keeps_the_best_run_and_saves_lloyd_iterations(monkeypatch, sphere_blobs):
+    X, _ = sphere_blobs
+    steps = []
+    assign = evaluate._assign
+
+    def counting_assign(X, x_sq, centers):
+        steps.append(len(centers))  # runs in this E-step
+        return assign(X, x_sq, centers)
+
+    monkeypatch.setattr(evaluate, "_assign", counting_assign)
+    results = {}
+    for gap in (evaluate.PRUNE_GAP, math.inf):  # the rule, and no pruning
+        monkeypatch.setattr(evaluate, "PRUNE_GAP", gap)
+        steps.clear()
+        results[gap] = [kmeans(X, 10, n_init=25, seed=s, backend="torch", device="cpu") for s in range(3)], sum(steps)
+    (pruned, pruned_steps), (full, full_steps) = results.values()
+    for a, b in zip(pruned, full):
+        assert a.inertia_ == b.inertia_ and np.array_equal(a.labels_, b.labels_) and a.n_iter_ == b.n_iter_
+    assert pruned_steps < full_steps / 2
+
+
+def test_onednn_and_addmm_give_the_same_clustering(monkeypatch, hard_blobs):
+    X, _ = hard_blobs
+    A, B, bias = torch.randn(300, 8), torch.randn(50, 8), torch.randn(50)
+    assert torch.allclose(evaluate._linear(A, B, bias), torch.addmm(bias, A, B.T), atol=1e-5)
+    fast = kmeans(X, 25, n_init=4, seed=0, backend="torch", device="cpu")
+    monkeypatch.setattr(evaluate, "_ONEDNN_LINEAR", None)
+    plain = kmeans(X, 25, n_init=4, seed=0, backend="torch", device="cpu")
+    assert adjusted_rand_score(plain.labels_, fast.labels_) == 1.0
+    assert fast.inertia_ == pytest.approx(plain.inertia_, rel=1e-6)
 
 
 def test_empty_cluster_takes_the_farthest_sample():
