@@ -46,47 +46,40 @@ __all__ = [
 ]
 
 
-# The /proc/cpuinfo flags that decide which kernels run: vector width (AVX2, AVX-512), bf16 and int8
-# dot products (AVX512-BF16, VNNI) and Intel AMX tiles.
-SPEED_FLAG_PREFIXES = ("avx2", "fma", "avx512", "avx_vnni", "amx")
-
-
-def _cpuinfo() -> dict[str, str]:
-    """The first processor's fields of /proc/cpuinfo; empty where there is none."""
-    fields: dict[str, str] = {}
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return fields
-    for line in text.split("\n\n", 1)[0].splitlines():
-        key, _, value = line.partition(":")
-        fields[key.strip()] = value.strip()
-    return fields
-
-
 def cpu_model() -> str:
-    """The CPU's model name with its family and model numbers (a bare "AMD EPYC" names no generation)."""
-    info = _cpuinfo()
-    if "model name" not in info:
-        return platform.processor() or "unknown CPU"
-    return f"{info['model name']} (family {info.get('cpu family', '?')} model {info.get('model', '?')})"
+    """The CPU's model name from /proc/cpuinfo (or the platform's guess elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
 
 
 def cpu_flags() -> str:
-    """The CPU flags relevant to speed (SPEED_FLAG_PREFIXES), space-separated; "unknown" without /proc."""
-    flags = _cpuinfo().get("flags")
-    if flags is None:
-        return "unknown"
-    return " ".join(flag for flag in flags.split() if flag.startswith(SPEED_FLAG_PREFIXES)) or "none of AVX2/AVX-512/AMX"
+    """The CPU's family and model numbers and its vector-unit flags (AVX, AVX-512, AMX, FMA) from /proc/cpuinfo.
+
+    A bare "AMD EPYC" names no generation; these say which kernels torch can use (bf16 needs avx512_bf16 or amx).
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        return "flags unknown"
+    vector = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "amx", "fma"))]
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; flags {' '.join(vector) or 'none'}"
 
 
 def machine() -> str:
-    """Two lines: the CPU, its usable cores, torch's threads, the GPU (or "none"), load; the CPU's speed flags."""
+    """One line naming the CPU (model, family, vector flags), its usable cores, torch's threads and the GPU (or "none")."""
     cores = len(os.sched_getaffinity(0))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"CPU {cpu_model()}, {cores} cores (torch threads {torch.get_num_threads()}); GPU {gpu}; "
-            f"torch {torch.__version__}; load average {load}\nCPU flags: {cpu_flags()}")
+    return (f"CPU {cpu_model()} ({cpu_flags()}), {cores} cores (torch threads {torch.get_num_threads()}); GPU {gpu}; "
+            f"torch {torch.__version__}; load average {load}")
 
 
 def add_device_args(parser: argparse.ArgumentParser, precision: bool = True) -> None:

@@ -11,17 +11,18 @@ Every case runs at one thread per library and at ``--threads`` (default: every c
 other in the same process, and the two are printed side by side. Data: 10,000 L2-normalised vectors
 drawn as Gaussian blobs on the sphere (K blobs of unequal size, noise chosen so a point's cosine to
 its centre is about 0.7, like real ViT features); with ``--features FILE`` also those features
-(a ``.npy`` array or the ``.npz`` of ``itae extract --out``; L2-normalised here), at every K. Inertia is recomputed from each method's centres the same way for
-all three. Reported per (data, K, D, threads): median seconds per set, the speed ratio to
-scikit-learn (median over sets), and the mean best inertia as a relative gap to scikit-learn's.
+(a ``.npy`` array or the ``.npz`` of ``itae extract --out``; L2-normalised here), at every K.
+Inertia is recomputed from each method's centres the same way for all three. Reported per (data,
+K, D, threads): median seconds per set, the speed ratio to scikit-learn (median over sets), and the
+mean best inertia as a relative gap to scikit-learn's.
 Targets: ours within 0.5 % of scikit-learn's inertia; >= 5x faster on CPU, >= 50x on a GPU.
 
-The paper's protocol is 20 sets; at K = 100, D = 768 scikit-learn takes ~15-30 s per set on 2 cores,
+The paper's protocol is 20 sets; at K = 100, D = 768 scikit-learn takes ~15-50 s per set on 2 cores,
 so the default here is 2 sets: the per-set ratio is the figure.
 
     python bench/bench_kmeans.py                                  # 2 sets, K 10/100, D 384/768, 1 and all threads
     python bench/bench_kmeans.py --threads 1                      # one thread only
-    python -m itae extract --data fashion-mnist --out fm.npz      # real features (10,000 images: ~15-30 min on CPU)
+    python -m itae extract --data fashion-mnist --out fm.npz      # real features (10,000 images: ~1 h on one loaded core)
     python bench/bench_kmeans.py --features fm.npz --dims --k 10  # those only, K = 10
     python bench/bench_kmeans.py --device cuda --sets 20          # the full protocol, ours on the GPU
 """

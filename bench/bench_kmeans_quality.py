@@ -123,7 +123,7 @@ def main(argv=None) -> dict:
             out = run_sets(X, k, seeds, labels)
             report(name, k, out)
             results.append({"data": name, "k": k, "n": len(X), "dim": X.shape[1], **out})
-    out = {"figure": "kmeans_quality", "sets": args.sets, "prune": {"after": evaluate.PRUNE_AFTER, "gap": evaluate.PRUNE_GAP,
+    out = {"figure": "kmeans_quality", "sets": args.sets, "prune": {"gap": evaluate.PRUNE_GAP,
            "horizon": evaluate.PRUNE_HORIZON}, "results": results}
     _common.write_json(args.json, out)
     return out

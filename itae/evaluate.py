@@ -29,11 +29,11 @@ Hopeless initialisations
 ------------------------
 Most of the Lloyd work of a best-of-25 K-Means can go to runs that have no chance to be the best:
 on well-separated clusters, a run that seeded two centres in one cluster creeps for tens of
-iterations towards a local optimum several per cent worse than the others. From the
-``PRUNE_AFTER``-th iteration on (2: the first iteration moves every centre from a sample to a
-mean, so the inertias only become comparable after it), a run leaves the batch when its inertia
-``I`` is more than ``PRUNE_GAP`` (2 %) above the lowest inertia of any run so far, ``I*``, and
-would still be after ``PRUNE_HORIZON`` (20) more iterations at its last decrease ``Δ``::
+iterations towards a local optimum several per cent worse than the others. From the second
+iteration on (the first moves every centre from a sample to a mean, so the inertias only become
+comparable after it), a run leaves the batch when its inertia ``I`` is more than ``PRUNE_GAP``
+(2 %) above the lowest inertia of any run so far, ``I*``, and would still be after
+``PRUNE_HORIZON`` (20) more iterations at its last decrease ``Δ``::
 
     I - 20 Δ > 1.02 I*
 
@@ -48,9 +48,9 @@ per-iteration inertias of 20 seeds x 25 runs on 8 data sets (those 1,000 feature
 the 10,000 test images at K = 10 and 100, Gaussian blobs on the sphere and overlapping clusters of
 very unequal sizes at K = 10 and 100, D = 384): with a gap of at least 1 % and a horizon of at
 least 10 the best run never changed, while gap 0.5 % with horizon 20, or 1 % with horizon 5, lost up
-to 0.3 % on the 1,000 features. 2 % and 20 sit a factor two inside that edge in both constants. What it saves: 5x of the
-Lloyd iterations on the blobs at K = 10, where hopeless runs abound; 1.00-1.04x on the other seven,
-whose runs all end within a per cent or two of each other.
+to 0.3 % on the 1,000 features. 2 % and 20 sit a factor two inside that edge in both constants.
+What it saves: 5x of the Lloyd iterations on the blobs at K = 10, where hopeless runs abound;
+1.00-1.04x on the other seven, whose runs all end within a per cent or two of each other.
 """
 from __future__ import annotations
 
@@ -90,10 +90,9 @@ KNN_BLOCK_ELEMENTS = 1 << 24  # test rows per k-NN block: this many similarities
 # (measured fastest), large enough on a GPU to keep the kernels busy.
 CPU_BLOCK_ELEMENTS = 1 << 19
 CUDA_BLOCK_ELEMENTS = 1 << 27
-# Pruning of hopeless initialisations (module docstring): from this Lloyd iteration on, a run whose
-# inertia is more than PRUNE_GAP above the best so far, and would still be after PRUNE_HORIZON more
-# iterations at its last decrease, leaves the batch.
-PRUNE_AFTER = 2
+# Pruning of hopeless initialisations (module docstring): from the second Lloyd iteration on, a run
+# whose inertia is more than PRUNE_GAP above the best so far, and would still be after PRUNE_HORIZON
+# more iterations at its last decrease, leaves the batch.
 PRUNE_GAP = 0.02
 PRUNE_HORIZON = 20
 
@@ -347,8 +346,8 @@ def _linear(A, B, bias):
     On a CPU this calls oneDNN's matmul rather than ``torch.addmm``: torch's float32 GEMM goes to MKL,
     which runs AVX2 code on AMD processors, while oneDNN's JIT kernels use AVX-512 on any vendor's CPU.
     Both compute in float32 (no down-conversion is requested); on a Zen 5 core (AMD EPYC, family 26)
-    oneDNN was 2-3x faster. Scaling an operand by -2 (a power of two) is exact, so callers fold the
-    factor into A.
+    oneDNN was 2-3x faster. The callers fold the factor -2 of ``-2 x·c`` into an operand: scaling by
+    a power of two is exact.
     """
     if A.device.type == "cpu" and _ONEDNN_LINEAR is not None:
         return _ONEDNN_LINEAR(A, B, bias, "none", [], "")
@@ -356,12 +355,20 @@ def _linear(A, B, bias):
 
 
 def _onednn_linear():
-    """oneDNN's float32 linear op (used by torch's inductor), or None where this torch lacks it."""
-    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-    try:  # a private op: check that its signature and result are still those of addmm
-        works = op is not None and op(torch.ones(1, 2), torch.ones(3, 2), torch.ones(3), "none", [], "").tolist() == [[3.0] * 3]
+    """oneDNN's float32 linear op (the one torch's inductor calls), or None where this torch lacks it.
+
+    The op is private, so it is used only if it still takes these arguments and gives addmm's result
+    on operands whose every product and sum is exact in float32 (a transposed operand or a bias on
+    the wrong axis would show).
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        return None
+    op = torch.ops.mkldnn._linear_pointwise
+    A, B, bias = torch.arange(6.0).view(2, 3), torch.arange(12.0).view(4, 3), torch.arange(4.0)
+    try:
+        works = torch.equal(op(A, B, bias, "none", [], ""), torch.addmm(bias, A, B.T))
     except (RuntimeError, TypeError):
-        works = False
+        return None
     return op if works else None
 
 
@@ -378,6 +385,8 @@ def _lloyd(X, x_sq, centers, labels, sq_dist, max_iter, tol):
     """
     n_init, n_clusters = centers.shape[:2]
     n_iter = torch.zeros(n_init, dtype=torch.long)
+    # Infinite before a run's first E-step: its first decrease is then infinite, so no run is judged
+    # hopeless at the first iteration (module docstring).
     inertia = torch.full((n_init,), math.inf, dtype=torch.float64, device=X.device)
     active = torch.arange(n_init, device=X.device)
     sums, counts = _cluster_sums(X, labels, n_clusters)
@@ -391,8 +400,7 @@ def _lloyd(X, x_sq, centers, labels, sq_dist, max_iter, tol):
         done |= (new_labels == labels).all(1)
         previous, current = inertia[active], sq_dist.sum(1, dtype=torch.float64)
         inertia[active] = current
-        if iteration >= PRUNE_AFTER:
-            done |= _hopeless(current, previous, inertia.min())
+        done |= _hopeless(current, previous, inertia.min())
         keep = ~done
         active, sq_dist, sums, counts = active[keep], sq_dist[keep], sums[keep], counts[keep]
         _move_samples(X, sums, counts, labels[keep], new_labels[keep])

@@ -169,6 +169,8 @@ def test_hopeless_runs_are_far_behind_and_closing_in_too_slowly():
     # 3 % behind but 20 steps of 0.1 would bring it within 2 %: kept; the best itself: kept.
     hopeless = evaluate._hopeless(current, previous, best)
     assert hopeless.tolist() == [False, True, False, False]
+    # at the first iteration there is no previous inertia (infinite): no run is judged, however far behind
+    assert not evaluate._hopeless(torch.tensor([150.0], dtype=torch.float64), torch.tensor([math.inf], dtype=torch.float64), best).any()
 
 
 def test_pruning_keeps_the_best_run_and_saves_lloyd_iterations(monkeypatch, sphere_blobs):
@@ -192,10 +194,24 @@ def test_pruning_keeps_the_best_run_and_saves_lloyd_iterations(monkeypatch, sphe
     assert pruned_steps < full_steps / 2
 
 
+def test_the_onednn_gemm_is_taken_where_torch_has_onednn():
+    # The probe of the private op must accept it on a torch that has it, or the fast path is silently lost.
+    assert (evaluate._ONEDNN_LINEAR is not None) == torch.backends.mkldnn.is_available()
+
+
+def test_linear_is_addmm():
+    generator = torch.Generator().manual_seed(0)
+    A, B, bias = (torch.randn(*shape, generator=generator) for shape in ((300, 384), (250, 384), (250,)))
+    expected = torch.addmm(bias.double(), A.double(), B.double().T)
+    got = evaluate._linear(A, B, bias)
+    assert got.shape == (300, 250) and got.dtype == torch.float32
+    # float32 sums of 384 products of about 1: a few 1e-6 relative to the largest entries
+    assert torch.allclose(got.double(), expected, rtol=0, atol=1e-4)
+    assert torch.allclose(got, torch.addmm(bias, A, B.T), rtol=0, atol=1e-4)
+
+
 def test_onednn_and_addmm_give_the_same_clustering(monkeypatch, hard_blobs):
     X, _ = hard_blobs
-    A, B, bias = torch.randn(300, 8), torch.randn(50, 8), torch.randn(50)
-    assert torch.allclose(evaluate._linear(A, B, bias), torch.addmm(bias, A, B.T), atol=1e-5)
     fast = kmeans(X, 25, n_init=4, seed=0, backend="torch", device="cpu")
     monkeypatch.setattr(evaluate, "_ONEDNN_LINEAR", None)
     plain = kmeans(X, 25, n_init=4, seed=0, backend="torch", device="cpu")
