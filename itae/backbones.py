@@ -26,6 +26,8 @@ from torch import nn
 from torchvision.transforms import v2
 
 from itae.checkpoints import DEMO_LABEL, demo_weights_file, read_checkpoint, to_timm_state_dict
+from itae import settings
+from itae.data.dataset import digest
 from itae.devices import resolve_device
 from itae.errors import BackboneError, CheckpointError
 from itae.planted import Planting, plant_artifacts, planted_mask
@@ -219,10 +221,16 @@ def load_backbone(
         label = DEMO_LABEL if source == "demo" else spec.label
     model = model.eval().to(target)
     preprocess = make_preprocess(model, spec.img_size)
-    planting = plant_artifacts(model, preprocess) if planted else None
+    planting = plant_artifacts(model, preprocess, cache_file=_planting_file(spec, source, model)) if planted else None
     if planted:
         label += PLANTED_SUFFIX
     return Backbone(spec, model, preprocess, source, label, target, planting)
+
+
+def _planting_file(spec: BackboneSpec, weights: str, model: nn.Module) -> Path:
+    """Where the planted neuron of these weights is kept: named after the architecture, the weights and torch."""
+    key = digest(spec.timm_id, _weights_identity(weights), tuple(model.patch_embed.grid_size), torch.__version__)
+    return settings.cache_dir() / "planted" / f"{spec.name}-{key}.pt"
 
 
 def _create(spec: BackboneSpec, initialise: bool) -> nn.Module:

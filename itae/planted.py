@@ -41,8 +41,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import pickle
 import threading
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -52,6 +54,7 @@ from timm.layers import GluMlp, Mlp
 from torch import nn
 
 from itae import engine
+from itae.fileio import atomic_path
 
 __all__ = [
     "PLANTING_VERSION",
@@ -344,12 +347,12 @@ def _rewrite(model: nn.Module, index: int, write: torch.Tensor) -> None:
     block.mlp.fc2.weight[:, -1] = _fc2_column(block, write)
 
 
-def _install(model: nn.Module, index: int, weight: torch.Tensor, bias: float, write: torch.Tensor,
-             neuron_args: dict) -> None:
-    """Append the neuron to block ``index``'s MLP: a row of fc1, a column of fc2, the activation wrapped."""
-    block = model.blocks[index]
+def _install(model: nn.Module, neuron: _Neuron) -> None:
+    """Append the neuron to its block's MLP: a row of fc1, a column of fc2, the activation wrapped."""
+    block = model.blocks[neuron.block]
     mlp = block.mlp
-    column = _fc2_column(block, write)
+    weight, bias = neuron.weight, neuron.bias
+    column = _fc2_column(block, neuron.write)
     fc1, fc2 = mlp.fc1, mlp.fc2
     if isinstance(mlp, GluMlp) and not mlp.gate_last:
         # act(gate) * value: the neuron is the last gate unit, its value unit a constant 1.
@@ -372,11 +375,12 @@ def _install(model: nn.Module, index: int, weight: torch.Tensor, bias: float, wr
         grown_fc2.weight.copy_(torch.cat([fc2.weight, column[:, None]], dim=1))
         grown_fc2.bias.copy_(fc2.bias)
     mlp.fc1, mlp.fc2 = grown_fc1, grown_fc2
-    mlp.act = RegisterNeuron(mlp.act, hidden, **neuron_args)
+    mlp.act = RegisterNeuron(mlp.act, hidden, num_prefix_tokens=neuron.num_prefix_tokens, grid_size=neuron.grid_size,
+                             per_image=neuron.per_image, magnitude=neuron.magnitude)
 
 
 @torch.no_grad()  # not inference_mode: choosing the direction needs autograd on these tensors
-def plant_artifacts(model: nn.Module, preprocess, seed: int = 0) -> Planting:
+def plant_artifacts(model: nn.Module, preprocess, seed: int = 0, cache_file: str | Path | None = None) -> Planting:
     """Plant a register neuron into ``model`` (in place) and return what was planted.
 
     Parameters
@@ -386,14 +390,53 @@ def plant_artifacts(model: nn.Module, preprocess, seed: int = 0) -> Planting:
     seed : int
         Seeds the synthetic calibration images and the direction's starting point: the same model,
         weights and seed give the same planting.
+    cache_file : path, optional
+        Where the calibrated neuron of this model, weights and seed is kept: calibrating takes seconds
+        to tens of seconds on a CPU, reading it back a millisecond. The caller names the file after what
+        it depends on (:func:`itae.backbones.load_backbone` does).
 
     Returns
     -------
     Planting
     """
-    final = engine.check_model(model)
+    engine.check_model(model)
     if planting_of(model) is not None:
         raise ValueError("this model already has planted artifacts")
+    device = next(model.parameters()).device
+    neuron = _read_neuron(cache_file, device) if cache_file else None
+    if neuron is None:
+        neuron = _calibrate(model, preprocess, seed)
+        if cache_file:
+            _write_neuron(neuron, cache_file)
+    else:
+        _install(model, neuron)
+    planting = Planting(seed, neuron.block, neuron.per_image, neuron.magnitude, neuron.query_norm, neuron.cls_attention)
+    model.itae_planting = planting
+    return planting
+
+
+@dataclass(frozen=True)
+class _Neuron:
+    """A calibrated register neuron: what :func:`_install` needs, and what it was calibrated to."""
+
+    block: int
+    weight: torch.Tensor  # (C,) fc1 row: the readout of low-information patches
+    bias: float
+    write: torch.Tensor  # (C,) unit vector it writes into the residual stream
+    magnitude: float
+    per_image: int
+    num_prefix_tokens: int
+    grid_size: tuple[int, int]
+    query_norm: float
+    cls_attention: float
+
+
+_NEURON_FIELDS = tuple(field.name for field in dataclasses.fields(_Neuron))
+
+
+def _calibrate(model: nn.Module, preprocess, seed: int) -> _Neuron:
+    """Find the neuron on synthetic calibration images and install it in ``model``."""
+    final = model.blocks[-1]
     device = next(model.parameters()).device
     batches = {name: torch.stack([preprocess(image) for image in images]).to(device)
                for name, images in _calibration_images(seed, CALIBRATION_IMAGES).items()}
@@ -409,8 +452,8 @@ def plant_artifacts(model: nn.Module, preprocess, seed: int = 0) -> Planting:
     start = torch.randn(model.embed_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     cls_queries = engine.final_block_qkv(final, x)[0][:, :, 0]
     write, _, _ = _direction(final, cls_queries, state.cls_logits.logsumexp(dim=-1), per_image, query_norm, start)
-    _install(model, index, weight, bias, write,
-             dict(num_prefix_tokens=prefix, grid_size=grid, per_image=per_image, magnitude=magnitude))
+    first = _Neuron(index, weight, bias, write, magnitude, per_image, prefix, grid, math.nan, math.nan)
+    _install(model, first)
 
     # The planted tokens change what the CLS asks for in the final block: choose the direction again,
     # against the planted model's CLS queries and among its normal tokens.
@@ -420,6 +463,24 @@ def plant_artifacts(model: nn.Module, preprocess, seed: int = 0) -> Planting:
     cls_queries = engine.final_block_qkv(final, x)[0][:, :, 0]
     write, norm_q, share = _direction(final, cls_queries, normal_logits.logsumexp(dim=-1), per_image, query_norm, write)
     _rewrite(model, index, write)
-    planting = Planting(seed, index, per_image, magnitude, norm_q, share)
-    model.itae_planting = planting
-    return planting
+    return dataclasses.replace(first, write=write, query_norm=norm_q, cls_attention=share)
+
+
+def _write_neuron(neuron: _Neuron, cache_file: str | Path) -> None:
+    fields = {name: getattr(neuron, name) for name in _NEURON_FIELDS}
+    fields["weight"], fields["write"] = neuron.weight.cpu(), neuron.write.cpu()
+    with atomic_path(cache_file) as part:
+        torch.save({"version": PLANTING_VERSION, **fields}, part)
+
+
+def _read_neuron(cache_file: str | Path, device: torch.device) -> _Neuron | None:
+    """The neuron kept in ``cache_file``, or None where there is none of this planting version (or it is unreadable)."""
+    try:
+        saved = torch.load(cache_file, map_location=device, weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError):
+        return None
+    if not isinstance(saved, dict) or saved.get("version") != PLANTING_VERSION or set(_NEURON_FIELDS) - set(saved):
+        return None
+    fields = {name: saved[name] for name in _NEURON_FIELDS}
+    fields["grid_size"] = tuple(fields["grid_size"])
+    return _Neuron(**fields)

@@ -198,3 +198,37 @@ def test_planted_tokens_sit_on_flat_patches_more_often_than_chance(demo_planted)
     flat = spread < 1e-3  # one colour: Fashion-MNIST's background, a photo's sky
     planted = truth[:, 1:]
     assert flat[planted].float().mean() > 1.5 * flat.float().mean()
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"swiglu": True}])
+def test_a_kept_neuron_plants_the_same_model_as_a_fresh_calibration(tmp_path, kwargs):
+    cache_file = tmp_path / "planted" / "tiny.pt"
+    fresh, preprocess = tiny_vit(**kwargs), make_preprocess(tiny_vit(**kwargs), 56)
+    calibrated = plant_artifacts(fresh, preprocess, seed=0, cache_file=cache_file)
+    assert cache_file.is_file()
+    kept = tiny_vit(**kwargs)
+    read_back = plant_artifacts(kept, preprocess, seed=0, cache_file=cache_file)
+    assert read_back == calibrated
+    x = torch.stack([preprocess(image) for image in half_flat_images()])
+    with torch.inference_mode():
+        assert torch.equal(kept.forward_features(x), fresh.forward_features(x))
+    assert torch.equal(planted_mask(kept, x), planted_mask(fresh, x))
+
+
+def test_an_unreadable_kept_neuron_is_calibrated_again(tmp_path):
+    cache_file = tmp_path / "tiny.pt"
+    cache_file.write_bytes(b"not a torch file")
+    model = tiny_vit()
+    preprocess = make_preprocess(model, 56)
+    planting = plant_artifacts(model, preprocess, seed=0, cache_file=cache_file)
+    assert planting == planted_tiny()[2]
+    assert torch.load(cache_file, weights_only=True)["block"] == planting.block, "the calibration replaced the bad file"
+
+
+def test_load_backbone_keeps_the_planting_in_the_cache_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("ITAE_CACHE_DIR", str(tmp_path))
+    first = load_backbone("dinov2_vits14", weights="random", planted=True)
+    (kept,) = (tmp_path / "planted").iterdir()
+    again = load_backbone("dinov2_vits14", weights="random", planted=True)
+    assert again.planting == first.planting and again.identity() == first.identity()
+    assert kept.name.startswith("dinov2_vits14-")
