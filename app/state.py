@@ -27,6 +27,7 @@ import threshold
 from itae import settings
 from itae.backbones import Backbone, load_backbone
 from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
+from itae.devices import kmeans_device, resolve_device
 from itae.errors import USER_ERRORS, DataSourceError
 from itae.extract import Extraction, ItaeResult, extract_cached
 from itae.registry import REGISTRY
@@ -38,6 +39,7 @@ __all__ = [
     "NAMED_WEIGHTS",
     "SESSIONS_FOLDER",
     "Selection",
+    "clustering_device",
     "commit_selection",
     "current_dataset",
     "current_extraction",
@@ -290,6 +292,15 @@ def itae_result(extraction: Extraction, theta: float | None = None, rule: str | 
     theta = threshold.current_theta() if theta is None else theta
     rule = threshold.current_rule() if rule is None else rule
     return _itae(extraction.info.key, round(float(theta), 4), rule, extraction)
+
+
+def clustering_device() -> str:
+    """Where the pages run K-Means, as a string that keys their caches.
+
+    ``itae.devices.kmeans_device`` of the default backend beside this selection's backbone, as the command
+    line decides it: on CUDA beside a CUDA backbone, on the CPU beside an MPS one.
+    """
+    return str(kmeans_device("auto", resolve_device(current_selection().device)))
 
 
 def default_clusters(extraction: Extraction) -> int:

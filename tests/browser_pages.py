@@ -94,9 +94,18 @@ def number_box(page: Page, label: str):
 
 
 def thetas_shown(page: Page) -> set[str]:
-    """Every θ the page shows: the slider, the number box, the artifact count and the sidebar."""
+    """Every θ the page shows: the slider, the number box, the artifact count and the sidebar.
+
+    While a run is drawing, the browser can still show the previous run's widgets beside the new ones
+    (Streamlit clears stale elements when a run completes); every copy counts, so that the set holds a
+    single value only on a page that has settled on it.
+    """
     line = re.search(r"at θ = ([-\d.]+)", artifact_line(page)).group(1)
-    return {slider_theta(page), f"{float(number_box(page, 'θ exactly').input_value()):.2f}", line, sidebar_theta(page)}
+    boxes = number_box(page, "θ exactly")
+    numbers = {f"{float(boxes.nth(i).input_value()):.2f}" for i in range(boxes.count())}
+    sliders = page.get_by_test_id("stSliderThumbValue")
+    slider_values = {f"{float(sliders.nth(i).inner_text()):.2f}" for i in range(sliders.count())}
+    return slider_values | numbers | {line, sidebar_theta(page)}
 
 
 def move_theta(page: Page, steps: int, gap_ms: int = 0) -> str:
@@ -108,7 +117,8 @@ def move_theta(page: Page, steps: int, gap_ms: int = 0) -> str:
         page.wait_for_timeout(gap_ms)
     target = slider_theta(page)
     deadline = time.monotonic() + RUN_S
-    while thetas_shown(page) != {target} and time.monotonic() < deadline:
+    while (shown := thetas_shown(page)) != {target} and time.monotonic() < deadline:
         page.wait_for_timeout(250)
+    assert shown == {target}, f"after {steps} steps the slider shows {target} but the page shows {sorted(shown)}"
     settle(page, "artifact tokens")
     return target

@@ -62,6 +62,7 @@ def worked_example(extraction) -> None:
         f"**{norms.min():.2f}** (median **{np.median(norms):.2f}**) to **{norms.max():.2f}**. At θ = {theta:.2f} "
         f"under the *{rule}* rule, ITAE attenuates **{int(mask.sum())}** of them."
     )
+    threshold.explain(extraction)
     before = extraction.attention_original[row].mean(axis=0)
     after = result.attention[row].mean(axis=0)
     top = np.argsort(before[1:])[::-1][:TOP_TOKENS] + 1

@@ -89,9 +89,6 @@ def show_counts(extraction, theta: float, rule: str, mask: np.ndarray) -> None:
 def theta_area(extraction) -> None:
     """The θ controls, the counts, Fig. 2 and Fig. 3 at the θ and rule they settled on."""
     theta, rule = threshold.controls(extraction)
-    reason = threshold.start_reason()
-    if reason:
-        st.caption(reason)
     log_y = st.toggle("Logarithmic y axis", key="norms_log_y")
     mask = extraction.artifact_mask(theta, rule)
     show_counts(extraction, theta, rule, mask)
