@@ -90,7 +90,7 @@ def scatter(points, colours, categories, colour_title, hover, title, ranges, sel
             selected=dict(marker=dict(size=10)), unselected=dict(marker=dict(opacity=0.15)),
         ))
     figure.update_layout(
-        title=title, dragmode="lasso", height=480, margin=dict(l=10, r=10, t=40, b=10), legend=dict(itemsizing="constant"),
+        title=title, dragmode="lasso", height=480, margin=dict(l=10, r=10, t=60, b=10), legend=dict(itemsizing="constant"),
         xaxis=dict(showticklabels=False, range=ranges[0]),
         yaxis=dict(showticklabels=False, range=ranges[1], scaleanchor="x", scaleratio=1),
     )
@@ -209,9 +209,10 @@ def main() -> None:
     selection = current_selection(extraction)
     selected = None if selection is None else set(selection[1])
     left, right = st.columns(2)
+    label = f"<br><sup>{extraction.info.label}</sup>"
     for column, points, colours, title, chart_key in (
-        (left, layout.original, colours_original, "Original features", "umap_original"),
-        (right, layout.itae, colours_itae, f"ITAE features (θ = {theta:.2f}, {rule})", "umap_itae"),
+        (left, layout.original, colours_original, "Original features" + label, "umap_original"),
+        (right, layout.itae, colours_itae, f"ITAE features (θ = {theta:.2f}, {rule})" + label, "umap_itae"),
     ):
         figure = scatter(points, colours, categories, colour_title, hover, title, ranges, selected)
         if arrows and chart_key == "umap_itae" and layout.changed.any():
