@@ -105,11 +105,9 @@ def thetas_shown(page: Page) -> set[str]:
     single value only on a page that has settled on it.
     """
     line = re.search(r"at θ = ([-\d.]+)", artifact_line(page)).group(1)
-    boxes = number_box(page, "θ exactly")
-    numbers = {f"{float(boxes.nth(i).input_value()):.2f}" for i in range(boxes.count())}
-    sliders = page.get_by_test_id("stSliderThumbValue")
-    slider_values = {f"{float(sliders.nth(i).inner_text()):.2f}" for i in range(sliders.count())}
-    return slider_values | numbers | {line, sidebar_theta(page)}
+    numbers = number_box(page, "θ exactly").evaluate_all("boxes => boxes.map(box => box.value)")
+    sliders = page.get_by_test_id("stSliderThumbValue").all_inner_texts()
+    return {f"{float(value):.2f}" for value in numbers + sliders} | {line, sidebar_theta(page)}
 
 
 def move_theta(page: Page, steps: int, gap_ms: int = 0) -> str:

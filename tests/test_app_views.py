@@ -30,6 +30,14 @@ THETA_PAGES = ("views/norms.py", "views/attention.py", "views/embeddings.py", "v
 SUPERVISED = ("acc", "nmi", "ari")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def model_as_loaded(environment):
+    """These pages are checked on the demo weights as loaded (no planted artifacts), where θ = none is the start."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("ITAE_APP_PLANTED", "0")
+        yield
+
+
 @pytest.fixture
 def downloads(monkeypatch) -> dict:
     """What the download buttons of the runs offer, by file name: a function that returns the file's bytes.

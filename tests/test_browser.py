@@ -62,7 +62,7 @@ def test_every_page_and_a_theta_change(server, browser):
 
     open_page(page, "Norms & θ")
     assert badge.first.is_visible()
-    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text="Bimodal").count() == 1, "the planted model is bimodal"
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text="Artifacts").count() == 1, "the library finds the planted artifacts"
     assert page.get_by_test_id("stMetric").filter(has_text="Detection recall").inner_text().split()[-1] == "1.000"
     page.get_by_test_id("stPlotlyChart").first.wait_for(timeout=30_000)
     before, theta_before = artifact_line(page), sidebar_theta(page)

