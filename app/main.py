@@ -20,8 +20,13 @@ page = st.navigation(
         st.Page("views/about.py", title="About the method", icon=":material/school:"),
     ]
 )
+# The badge of the teaching model tops every page; filled again once the page has run, as the Data & model
+# page may have switched the model.
+badge = st.empty()
+state.planted_badge(badge)
 place.show_notes()
 page.run()
+state.planted_badge(badge)
 with st.sidebar:
     state.sidebar_status()
 place.write()

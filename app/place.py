@@ -1,4 +1,4 @@
-"""The user's place in the URL: data, model, weights, θ and rule, so that a reload or a shared link restores them.
+"""The user's place in the URL: data, model, weights, planting, θ and rule, so that a reload or a shared link restores them.
 
 A new session reads its link once (``restore``); every full run writes the place back (``write``). A
 link is what someone typed: each value is checked, one that cannot be used leaves a note on the page
@@ -47,7 +47,8 @@ def read_link(params: Mapping[str, str]) -> Link:
     limit = _whole(params, "limit", default.limit, 1, state.MAX_SUBSET_SIZE, link.notes)
     seed = _whole(params, "seed", default.seed, 0, state.MAX_SEED, link.notes)
     weights = _weights(params.get("weights"), model, default, link.notes)
-    link.selection = replace(default, model=model, weights=weights, limit=limit, seed=seed, **data)
+    planted = _planted(params.get("planted"), default.planted and (model, weights) == (default.model, default.weights), link.notes)
+    link.selection = replace(default, model=model, weights=weights, planted=planted, limit=limit, seed=seed, **data)
     link.theta = _theta(params.get("theta"), link.notes)
     link.rule = params.get("rule")
     if link.rule is not None and link.rule not in RULES:
@@ -106,6 +107,17 @@ def _weights(text: str | None, model: str, default: state.Selection, notes: list
     return text
 
 
+def _planted(text: str | None, fallback: bool, notes: list[str]) -> bool:
+    """``planted=1`` or ``0``. Without it only the default model and weights are planted, as a new session's:
+    a link written before the teaching model existed named any other model as loaded."""
+    if text is None:
+        return fallback
+    if text in ("0", "1"):
+        return text == "1"
+    notes.append(f"planted must be 1 or 0, not {text!r}, so {int(fallback)} is used")
+    return fallback
+
+
 def _whole(params: Mapping[str, str], name: str, fallback: int, low: int, high: int, notes: list[str]) -> int:
     text = params.get(name)
     if text is None:
@@ -140,7 +152,8 @@ def params_of(selection: state.Selection, theta: float | None, rule: str | None)
         params["root"] = selection.root
     if selection.split != "test":
         params["split"] = selection.split
-    params |= {"limit": str(selection.limit), "seed": str(selection.seed), "model": selection.model, "weights": selection.weights}
+    params |= {"limit": str(selection.limit), "seed": str(selection.seed), "model": selection.model, "weights": selection.weights,
+               "planted": str(int(selection.planted))}
     if theta is not None:
         params["theta"] = f"{theta:.2f}"
     if rule is not None:

@@ -1,4 +1,5 @@
-"""What every page shares: the current selection, cached loaders, extractions, θ and rule, and the sidebar.
+"""What every page shares: the current selection, cached loaders, extractions, θ and rule, the sidebar and the
+badge of the teaching model.
 
 Heavy objects are shared read-only by all browser sessions: backbones and datasets behind
 ``st.cache_resource``, extractions in one locked store (itself a cache resource), ITAE results
@@ -7,8 +8,8 @@ per (extraction, θ, rule). What one user picked (source, subset, model, θ, rul
 Uploaded images are a session's own: their dataset and extraction stay in its ``st.session_state`` and
 their features on disk in its own folder (``session_files.py``), unless the operator keeps them.
 
-``itae.settings`` reads the environment: ``ITAE_APP_WEIGHTS`` and ``ITAE_APP_LIMIT`` (a new session's
-weights and subset size), ``ITAE_CACHE_DIR`` (the feature cache), ``ITAE_ALLOWED_ROOTS`` (the server
+``itae.settings`` reads the environment: ``ITAE_APP_WEIGHTS``, ``ITAE_APP_LIMIT`` and ``ITAE_APP_PLANTED`` (a
+new session's weights, subset size and whether its model has planted artifacts), ``ITAE_CACHE_DIR`` (the feature cache), ``ITAE_ALLOWED_ROOTS`` (the server
 folders a visitor may open) and ``ITAE_KEEP_UPLOAD_FEATURES``.
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ import streamlit as st
 import session_files
 import threshold
 from itae import settings
-from itae.backbones import Backbone, load_backbone
+from itae.backbones import PLANTED_SUFFIX, Backbone, load_backbone
 from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
+from itae.devices import kmeans_device, resolve_device
 from itae.errors import USER_ERRORS, DataSourceError
 from itae.extract import Extraction, ItaeResult, extract_cached
 from itae.registry import REGISTRY
@@ -38,6 +40,7 @@ __all__ = [
     "NAMED_WEIGHTS",
     "SESSIONS_FOLDER",
     "Selection",
+    "clustering_device",
     "commit_selection",
     "current_dataset",
     "current_extraction",
@@ -46,6 +49,7 @@ __all__ = [
     "default_selection",
     "get_backbone",
     "itae_result",
+    "planted_badge",
     "register_upload",
     "sidebar_status",
 ]
@@ -81,6 +85,7 @@ class Selection:
     seed : subset seed
     model : a registry name
     weights : "demo", "hub", "random" or a checkpoint path
+    planted : the model with planted artifacts (``itae.planted``), the teaching model whose artifacts are known
     device : "auto", "cpu", "cuda" or "mps"
     batch_size : images per forward pass
     """
@@ -96,13 +101,14 @@ class Selection:
     seed: int = 0
     model: str = settings.DEFAULT_MODEL
     weights: str = settings.default_weights(settings.DEFAULT_MODEL)
+    planted: bool = False
     device: str = "auto"
     batch_size: int = 32
 
 
 def default_selection() -> Selection:
-    """The selection a fresh session opens on: the embedded demo with the offline demo weights."""
-    return Selection(weights=settings.app_weights(), limit=settings.app_subset_size())
+    """The selection a fresh session opens on: the embedded demo, the offline demo weights, artifacts planted."""
+    return Selection(weights=settings.app_weights(), limit=settings.app_subset_size(), planted=settings.app_planted())
 
 
 def current_selection() -> Selection:
@@ -114,16 +120,22 @@ def current_selection() -> Selection:
 # Loaders ----------------------------------------------------------------------------------------
 
 
-@st.cache_resource(show_spinner="Loading the model…", max_entries=3)
-def get_backbone(model: str, weights: str, device: str) -> Backbone:
-    """A loaded registry model, shared by all sessions; raises BackboneError with advice.
+def get_backbone(model: str, weights: str, device: str, planted: bool) -> Backbone:
+    """A loaded registry model, with planted artifacts if asked, shared by all sessions; raises BackboneError with advice.
 
     A checkpoint file a visitor typed (or a link carried) must lie inside the allowed roots
     (PathNotAllowedError otherwise); the operator's own default weights are trusted.
     """
+    # A spinner of its own rather than the cache's: planting adds several seconds, worth saying why.
+    with st.spinner("Loading the model and planting its artifacts…" if planted else "Loading the model…"):
+        return _loaded_backbone(model, weights, device, planted)
+
+
+@st.cache_resource(show_spinner=False, max_entries=3)
+def _loaded_backbone(model: str, weights: str, device: str, planted: bool) -> Backbone:
     if weights not in NAMED_WEIGHTS and weights != settings.app_weights():
         weights = str(settings.resolve_allowed_path(weights))
-    return load_backbone(model, weights=weights, device=device)
+    return load_backbone(model, weights=weights, device=device, planted=planted)
 
 
 @st.cache_resource(show_spinner="Opening the data…", max_entries=8)
@@ -237,7 +249,7 @@ def _extraction_for(selection: Selection) -> Extraction:
     if found is not None:
         return found
     dataset = subset_of(selection)
-    backbone = get_backbone(selection.model, selection.weights, selection.device)
+    backbone = get_backbone(selection.model, selection.weights, selection.device, selection.planted)
     with store.key_lock(selection):  # a second session asking for the same waits, then reuses it
         found = store.get(selection)
         if found is None:
@@ -292,6 +304,15 @@ def itae_result(extraction: Extraction, theta: float | None = None, rule: str | 
     return _itae(extraction.info.key, round(float(theta), 4), rule, extraction)
 
 
+def clustering_device() -> str:
+    """Where the pages run K-Means, as a string that keys their caches.
+
+    ``itae.devices.kmeans_device`` of the default backend beside this selection's backbone, as the command
+    line decides it: on CUDA beside a CUDA backbone, on the CPU beside an MPS one.
+    """
+    return str(kmeans_device("auto", resolve_device(current_selection().device)))
+
+
 def default_clusters(extraction: Extraction) -> int:
     """K to start with: the number of classes, or for unlabelled images 10 at most and half the images."""
     if extraction.class_names:
@@ -299,7 +320,22 @@ def default_clusters(extraction: Extraction) -> int:
     return min(10, max(2, len(extraction) // 2))
 
 
-# Sidebar ----------------------------------------------------------------------------------------
+# Labels -----------------------------------------------------------------------------------------
+
+PLANTED_BADGE = "Planted artifacts · a synthetic teaching model · their positions are known"
+PLANTED_HELP = (
+    "One register neuron added to a middle block makes a few flat patches per image behave as artifacts "
+    "(Darcet et al. 2024; Jiang et al. 2025). They are planted, not found: nothing shown here is a real "
+    "artifact finding. The About page says more; the Data & model page switches back to the model as loaded."
+)
+
+
+def planted_badge(slot) -> None:
+    """Fill ``slot`` (an ``st.empty``) with the badge while the current model has planted artifacts, else clear it."""
+    if current_selection().planted:
+        slot.badge(PLANTED_BADGE, icon=":material/science:", color="orange", help=PLANTED_HELP)
+    else:
+        slot.empty()
 
 
 def sidebar_status() -> None:
@@ -308,7 +344,8 @@ def sidebar_status() -> None:
     extraction = peek_extraction()
     if extraction is None:
         spec = REGISTRY.get(selection.model)
-        st.caption(f"**Model** {spec.label if spec else selection.model} ({selection.weights} weights)")
+        planted = PLANTED_SUFFIX if selection.planted else ""
+        st.caption(f"**Model** {spec.label if spec else selection.model} ({selection.weights} weights){planted}")
         st.caption(f"**Data** {selection.source}, subset of {selection.limit}")
         st.caption("Not extracted yet.")
         return

@@ -4,9 +4,14 @@ The pages compute with one θ and rule, ``current_theta()`` and ``current_rule()
 number box beside it and the rule picker live in a fragment: a change reruns only that fragment, which
 draws the three widgets and computes nothing. The change counts, and the page reruns once with it, when
 the widgets have held still for ``SETTLE_S``: a newer change arriving meanwhile (a held arrow key sends
-one per step) stops the waiting run at its next Streamlit call, so only the last value is computed.
+one per step) stops the waiting run at its next Streamlit call, so only the last value is computed. Only a
+user's change counts (a widget callback marks it pending): a page drawing the widgets for the first time
+shows the current θ, never its widgets' defaults.
 
-Where θ starts on a new extraction is the library's decision, ``itae.theta.decide_theta``.
+Where θ starts on a new extraction is the library's decision, ``itae.theta.decide_theta``; once θ or the rule
+has moved, the pages compute with the θ as given, and ``decide_theta`` says what that attenuates and warns
+where it cuts into tokens the norms do not show as artifacts. ``controls`` shows that decision under the
+widgets on every page that computes with θ.
 """
 from __future__ import annotations
 
@@ -26,20 +31,22 @@ __all__ = [
     "SLIDER",
     "THETA_STEP",
     "controls",
+    "current_decision",
     "current_rule",
     "current_theta",
     "decision",
     "ensure",
+    "explain",
     "for_link",
     "request",
     "set_theta",
-    "start_reason",
     "theta_range",
 ]
 
 THETA_STEP = 0.01
 SETTLE_S = 0.4
 SLIDER, NUMBER, RULE = "theta_slider", "theta_number", "rule_radio"
+PENDING = "theta_pending"  # a widget moved and the pages have not yet computed with it
 
 
 @st.cache_data(max_entries=32, show_spinner="Looking for artifacts in the query norms…")
@@ -112,14 +119,31 @@ def set_theta(theta: float, rule: str | None = None) -> None:
         st.session_state.rule = rule
     st.session_state[SLIDER] = st.session_state[NUMBER] = current_theta()
     st.session_state[RULE] = current_rule()
+    st.session_state[PENDING] = False
 
 
-def start_reason() -> str | None:
-    """Why θ started where it did on the current extraction: the library's reason; None before one."""
-    started = st.session_state.get("theta_start")
-    if started is None:
-        return None
-    decided, start = started
+def current_decision(extraction: Extraction) -> tuple[ThetaDecision, str]:
+    """The decision behind the current θ and rule, and its reason as the page shows it.
+
+    While θ and the rule are where they started, that is the start's decision (the reason also says where
+    the slider shows it); after a move, ``decide_theta`` of the current θ as given, with the current rule.
+    """
+    decided, start = st.session_state.theta_start
+    if (current_theta(), current_rule()) == (round(start, 2), decided.rule):  # set_theta keeps θ on the slider's grid
+        return decided, _start_reason(decided, start)
+    moved = decision(extraction, current_theta(), current_rule())
+    return moved, moved.reason
+
+
+def explain(extraction: Extraction) -> None:
+    """Show why the pages compute with this θ: the library's reason, and its warning as a warning."""
+    decided, reason = current_decision(extraction)
+    st.caption(reason)
+    if decided.warning:
+        st.warning(decided.warning)
+
+
+def _start_reason(decided: ThetaDecision, start: float) -> str:
     if decided.value is None:
         return f"{decided.reason} The slider starts below every norm, which selects nothing."
     if start != decided.value:
@@ -128,15 +152,21 @@ def start_reason() -> str | None:
 
 
 def controls(extraction: Extraction) -> tuple[float, str]:
-    """The θ slider, number box and rule picker; returns the θ and rule the page computes with."""
+    """The θ slider, number box and rule picker, and why θ is where it is; returns the θ and rule the page computes with."""
     _widgets(*theta_range(extraction))
+    explain(extraction)
     return current_theta(), current_rule()
 
 
 @st.fragment
 def _widgets(low: float, high: float) -> None:
-    # The widgets take their values from session state only (set_theta), and persist_state keeps those
-    # when a page without them runs, so that the browser is sent them again whenever it redraws one.
+    # The widgets take their values from session state only. Unless the user has a move in flight, they are
+    # set to the θ and rule the pages compute with (θ shown at the range's end where it lies beyond, which
+    # splits the tokens alike), so that a page drawing them anew shows those; during a move they are left
+    # alone, since writing them would send the browser back a value it has moved past.
+    if not st.session_state.get(PENDING):
+        st.session_state[SLIDER] = st.session_state[NUMBER] = min(max(current_theta(), low), high)
+        st.session_state[RULE] = current_rule()
     left, middle, right = st.columns([4, 1, 3], vertical_alignment="bottom")
     left.slider(
         "θ (query-norm threshold)", min_value=low, max_value=high, step=THETA_STEP, key=SLIDER,
@@ -148,15 +178,16 @@ def _widgets(low: float, high: float) -> None:
         on_change=_follow, args=(NUMBER, SLIDER), persist_state="session",
     )
     right.radio(
-        "Artifact rule", RULES, key=RULE, horizontal=True, persist_state="session",
+        "Artifact rule", RULES, key=RULE, horizontal=True, persist_state="session", on_change=_mark_pending,
         help="minority: the smaller of L_a and L_b (Eq. 3); below: L_a (the θ sweep of Sec. 5.2); above: L_b.",
     )
-    moved = (round(float(st.session_state[SLIDER]), 2), st.session_state[RULE])
-    if moved == (current_theta(), current_rule()):
+    if not st.session_state.get(PENDING):
         return
     time.sleep(SETTLE_S)
     st.empty()  # a Streamlit call: a change that arrived during the wait stops this run here
-    st.session_state.theta, st.session_state.rule = moved  # the widgets already show it
+    st.session_state[PENDING] = False
+    # the widgets already show it
+    st.session_state.theta, st.session_state.rule = round(float(st.session_state[SLIDER]), 2), st.session_state[RULE]
     st.rerun(scope="app")
 
 
@@ -167,3 +198,8 @@ def _follow(changed: str, other: str) -> None:
     request back, undoing the steps the user has taken since.
     """
     st.session_state[other] = round(float(st.session_state[changed]), 2)
+    _mark_pending()
+
+
+def _mark_pending() -> None:
+    st.session_state[PENDING] = True

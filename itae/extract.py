@@ -24,6 +24,7 @@ from itae import engine
 from itae.backbones import Backbone
 from itae.choices import RULES
 from itae.data import ImageDataset, SkippedImage
+from itae.data.dataset import describe
 from itae.errors import StaleCacheError, UnreadableImage
 from itae.fileio import atomic_path
 from itae.planted import DetectionScores, detection_scores, fired_tokens
@@ -55,7 +56,7 @@ class ExtractionInfo:
     label : what outputs call the model (the demo weights say so)
     weights : ``"hub"``, ``"demo"``, ``"random"`` or a checkpoint path
     timm_id : the timm architecture and pretrained tag
-    data : the dataset's one-line description
+    data : the dataset's one-line description; its counts are the extraction's where decoding refused images
     data_fingerprint : the dataset's fingerprint
     key : ``cache_key`` of the backbone's identity, the data fingerprint and the precision
     class_names : tuple of str, or None for unlabelled data
@@ -478,12 +479,16 @@ def extract(
         raise ValueError(f"none of the {total} images could be decoded: {skipped[0].reason if skipped else ''}")
     keep = slice(0, row)
     labels = dataset.labels[indices[keep]] if dataset.labels is not None else None
+    all_skipped = list(dataset.skipped) + skipped
+    # The source's description counts the files as they were listed; where decoding refused some of them,
+    # the extraction states what it holds, so that every count shown is the extraction's.
+    data = describe(dataset.title, row, dataset.class_names, all_skipped) if skipped else dataset.description
     info = ExtractionInfo(
         model=backbone.spec.name,
         label=backbone.label,
         weights=backbone.weights,
         timm_id=backbone.spec.timm_id,
-        data=dataset.description,
+        data=data,
         data_fingerprint=dataset.fingerprint,
         key=cache_key(backbone.identity(), dataset.fingerprint, precision),
         class_names=None if dataset.class_names is None else tuple(dataset.class_names),
@@ -504,7 +509,7 @@ def extract(
         names=[dataset.names[i] for i in indices[keep]],
         indices=indices[keep],
         cache=FinalBlockCache(out["cls_input"][keep], out["cls_logits"][keep], out["values"][keep], "bfloat16" if bf16 else "float32"),
-        skipped=list(dataset.skipped) + skipped,
+        skipped=all_skipped,
         planted_mask=out["planted"][keep] if backbone.planting is not None else None,
     )
     extraction.attach(backbone)

@@ -13,6 +13,9 @@
 ``ITAE_APP_WEIGHTS``, ``ITAE_APP_LIMIT``
     The weights and the subset size a fresh dashboard session starts with; default the default model's
     :func:`default_weights` and 200 images.
+``ITAE_APP_PLANTED``
+    ``0`` (or ``false``, ``no``, ``off``) opens a fresh dashboard session on the model as loaded; by
+    default it opens on the teaching model, the same model with planted artifacts (:mod:`itae.planted`).
 
 Every function reads the environment when it is called, so a test or a server's start script can set a
 variable at any time before the call. Nothing heavy is imported here.
@@ -27,6 +30,7 @@ from itae.registry import get_spec
 
 __all__ = [
     "ALLOWED_ROOTS_VARIABLE",
+    "APP_PLANTED_VARIABLE",
     "APP_SUBSET_SIZE_VARIABLE",
     "APP_WEIGHTS_VARIABLE",
     "CACHE_DIR_VARIABLE",
@@ -34,6 +38,7 @@ __all__ = [
     "DEFAULT_MODEL",
     "KEEP_UPLOAD_FEATURES_VARIABLE",
     "allowed_roots",
+    "app_planted",
     "app_subset_size",
     "app_weights",
     "cache_dir",
@@ -49,6 +54,7 @@ ALLOWED_ROOTS_VARIABLE = "ITAE_ALLOWED_ROOTS"
 KEEP_UPLOAD_FEATURES_VARIABLE = "ITAE_KEEP_UPLOAD_FEATURES"
 APP_WEIGHTS_VARIABLE = "ITAE_APP_WEIGHTS"
 APP_SUBSET_SIZE_VARIABLE = "ITAE_APP_LIMIT"
+APP_PLANTED_VARIABLE = "ITAE_APP_PLANTED"
 
 DEFAULT_MODEL = "dinov2_vits14"
 """The model both front-ends start with: the only one with offline demo weights."""
@@ -56,6 +62,7 @@ DEFAULT_APP_SUBSET_SIZE = 200
 """Images a fresh dashboard session extracts: enough for the histograms, quick on a CPU."""
 
 _TRUE_WORDS = {"1", "true", "yes", "on"}
+_FALSE_WORDS = {"0", "false", "no", "off"}
 
 
 def cache_dir(override: str | os.PathLike | None = None) -> Path:
@@ -141,6 +148,31 @@ def app_subset_size() -> int:
     if not text.strip().isdigit() or int(text) < 1:
         raise ValueError(f"{APP_SUBSET_SIZE_VARIABLE} must be a positive whole number, got {text!r}")
     return int(text)
+
+
+def app_planted() -> bool:
+    """Whether a fresh dashboard session opens on the teaching model, with planted artifacts.
+
+    A newcomer's first screen then shows what ITAE finds and removes; the model as loaded (the demo
+    weights have no artifacts) is one click away.
+
+    Returns
+    -------
+    bool
+        False when ``$ITAE_APP_PLANTED`` is ``0``, ``false``, ``no`` or ``off``; True when it is unset,
+        empty, ``1``, ``true``, ``yes`` or ``on``.
+
+    Raises
+    ------
+    ValueError
+        If the variable holds any other word.
+    """
+    text = os.environ.get(APP_PLANTED_VARIABLE, "").strip().lower()
+    if text in _FALSE_WORDS:
+        return False
+    if not text or text in _TRUE_WORDS:
+        return True
+    raise ValueError(f"{APP_PLANTED_VARIABLE} must be 1 or 0 (true/false, yes/no, on/off), got {text!r}")
 
 
 def allowed_roots() -> tuple[Path, ...]:

@@ -29,8 +29,12 @@ def screenshot(page: Page, name: str) -> None:
 def settle(page: Page, text: str, timeout_s: float = RUN_S) -> None:
     """Wait until ``text`` shows (or an exception box) and the script has stopped running."""
     page.get_by_text(text).first.or_(page.get_by_test_id("stException").first).wait_for(timeout=timeout_s * 1000)
+    # The text can show while the run that draws it is still going (the sidebar is drawn after the page):
+    # wait for the app's own script state, which the status widget only shows after a delay.
     page.wait_for_function(
-        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')", timeout=timeout_s * 1000, polling=250,
+        """() => document.querySelector('[data-testid="stApp"]').dataset.testScriptState === 'notRunning'
+                 && !document.querySelector('[data-testid="stStatusWidget"]')""",
+        timeout=timeout_s * 1000, polling=250,
     )
     page.wait_for_timeout(500)
 
@@ -94,9 +98,16 @@ def number_box(page: Page, label: str):
 
 
 def thetas_shown(page: Page) -> set[str]:
-    """Every θ the page shows: the slider, the number box, the artifact count and the sidebar."""
+    """Every θ the page shows: the slider, the number box, the artifact count and the sidebar.
+
+    While a run is drawing, the browser can still show the previous run's widgets beside the new ones
+    (Streamlit clears stale elements when a run completes); every copy counts, so that the set holds a
+    single value only on a page that has settled on it.
+    """
     line = re.search(r"at θ = ([-\d.]+)", artifact_line(page)).group(1)
-    return {slider_theta(page), f"{float(number_box(page, 'θ exactly').input_value()):.2f}", line, sidebar_theta(page)}
+    numbers = number_box(page, "θ exactly").evaluate_all("boxes => boxes.map(box => box.value)")
+    sliders = page.get_by_test_id("stSliderThumbValue").all_inner_texts()
+    return {f"{float(value):.2f}" for value in numbers + sliders} | {line, sidebar_theta(page)}
 
 
 def move_theta(page: Page, steps: int, gap_ms: int = 0) -> str:
@@ -108,7 +119,8 @@ def move_theta(page: Page, steps: int, gap_ms: int = 0) -> str:
         page.wait_for_timeout(gap_ms)
     target = slider_theta(page)
     deadline = time.monotonic() + RUN_S
-    while thetas_shown(page) != {target} and time.monotonic() < deadline:
+    while (shown := thetas_shown(page)) != {target} and time.monotonic() < deadline:
         page.wait_for_timeout(250)
+    assert shown == {target}, f"after {steps} steps the slider shows {target} but the page shows {sorted(shown)}"
     settle(page, "artifact tokens")
     return target

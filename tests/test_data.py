@@ -705,6 +705,8 @@ def test_balanced_subset_is_balanced():
     subset = balanced_subset(ds, 40, seed=3)
     assert np.bincount(subset.labels).tolist() == [10, 10, 10, 10]
     assert isinstance(subset, ImageDataset) and subset.class_names == ds.class_names
+    assert subset.title == "In-memory images; balanced subset of 40 (seed 3)", "what the images are, without counts"
+    assert subset.description == "In-memory images, 200 images, 4 classes; balanced subset of 40 (seed 3)"
 
 
 def test_balanced_subset_gives_small_classes_all_they_have():

@@ -2,7 +2,9 @@ import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from itae.embed import umap_embedding
+from itae.embed import shared_umap, umap_embedding
+from itae.extract import extract
+from test_extract import ListDataset, tiny_backbone
 
 
 def test_umap_is_seeded_and_keeps_clusters_apart():
@@ -19,3 +21,50 @@ def test_umap_is_seeded_and_keeps_clusters_apart():
 def test_umap_refuses_too_few_points():
     with pytest.raises(ValueError, match="at least 3"):
         umap_embedding(np.ones((2, 4)))
+
+
+@pytest.fixture(scope="module")
+def extraction():
+    return extract(tiny_backbone(), ListDataset(24), batch_size=8)
+
+
+def test_unattenuated_features_give_one_layout(extraction):
+    below_every_norm = float(extraction.query_norms[:, 1:].min()) - 1
+    result = extraction.itae(below_every_norm, "below")
+    assert not result.artifact_mask.any()
+    layout = shared_umap(extraction.features_original, result.features, n_neighbors=5)
+    assert not layout.changed.any()
+    np.testing.assert_array_equal(layout.itae, layout.original)
+    np.testing.assert_array_equal(layout.original, umap_embedding(extraction.features_original, n_neighbors=5))
+    assert not layout.moved.any()
+
+
+def test_an_image_without_artifacts_keeps_its_place(extraction):
+    # θ between the 8th and 9th lowest per-image minimum: rule 'below' attenuates tokens in 8 images only.
+    lowest = np.sort(extraction.query_norms[:, 1:].min(axis=1))
+    theta = float(lowest[7:9].mean())
+    result = extraction.itae(theta, "below")
+    attenuated = result.artifact_mask.any(axis=1)
+    assert attenuated.sum() == 8
+    layout = shared_umap(extraction.features_original, result.features, n_neighbors=5)
+    np.testing.assert_array_equal(layout.changed, attenuated)
+    np.testing.assert_array_equal(layout.itae[~attenuated], layout.original[~attenuated])
+    assert (layout.moved[attenuated] > 0).all() and not layout.moved[~attenuated].any()
+
+
+def test_both_feature_sets_share_one_space():
+    # The ITAE features of cluster 0 are those of cluster 1 (jittered): in one space they land among cluster 1.
+    X, y = make_blobs(n_samples=90, centers=3, n_features=16, cluster_std=0.5, random_state=0)
+    rng = np.random.default_rng(0)
+    itae = X.copy()
+    itae[y == 0] = X[y == 1][: (y == 0).sum()] + rng.normal(scale=0.05, size=((y == 0).sum(), 16))
+    layout = shared_umap(X, itae, seed=1)
+    centres = np.stack([layout.original[y == c].mean(0) for c in range(3)])
+    nearest = np.argmin(np.linalg.norm(layout.itae[y == 0, None] - centres[None], axis=2), axis=1)
+    assert (nearest == 1).all(), "moved images must be drawn where the original features of their new cluster are"
+    np.testing.assert_array_equal(layout.itae[y != 0], layout.original[y != 0])
+
+
+def test_shared_umap_refuses_feature_sets_of_different_shapes():
+    with pytest.raises(ValueError, match="same shape"):
+        shared_umap(np.ones((5, 4)), np.ones((4, 4)))

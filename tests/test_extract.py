@@ -37,7 +37,8 @@ class ListDataset:
         self.names = [f"img{i}.png" for i in range(n)]
         self.skipped = []
         self.fingerprint = f"list-{n}-{seed}-{sorted(self.broken)}"
-        self.description = f"{n} random images"
+        self.title = "Random images"
+        self.description = f"{self.title}, {n} images, 3 classes"
 
     def __len__(self):
         return len(self.images)
@@ -121,6 +122,8 @@ def test_undecodable_images_are_skipped_and_reported():
     assert list(extraction.labels) == [0, 1, 0, 1, 0]
     assert [s.name for s in extraction.skipped] == ["img2.png", "img5.png"]
     assert extraction.skipped[0].reason == "truncated file"  # the name is not repeated in the reason
+    assert extraction.info.data == "Random images, 5 images, 3 classes, 2 skipped", "the counts of what was decoded"
+    assert extract(backbone, ListDataset(4)).info.data == "Random images, 4 images, 3 classes"
     with pytest.raises(ValueError, match="none of the 2 images could be decoded"):
         extract(backbone, ListDataset(2, broken={0, 1}))
 

@@ -100,3 +100,14 @@ def test_defaults_of_the_front_ends(monkeypatch):
     monkeypatch.setenv(settings.APP_SUBSET_SIZE_VARIABLE, "ten")
     with pytest.raises(ValueError, match="ITAE_APP_LIMIT"):
         settings.app_subset_size()
+
+
+def test_the_dashboard_opens_on_the_teaching_model_unless_told_not_to(monkeypatch):
+    monkeypatch.delenv(settings.APP_PLANTED_VARIABLE, raising=False)
+    assert settings.app_planted() is True
+    for text, planted in [("", True), ("1", True), (" Yes ", True), ("0", False), ("off", False), ("FALSE", False)]:
+        monkeypatch.setenv(settings.APP_PLANTED_VARIABLE, text)
+        assert settings.app_planted() is planted, text
+    monkeypatch.setenv(settings.APP_PLANTED_VARIABLE, "maybe")
+    with pytest.raises(ValueError, match="ITAE_APP_PLANTED"):
+        settings.app_planted()

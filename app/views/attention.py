@@ -10,16 +10,16 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FormatStrFormatter
-from PIL import Image, ImageDraw
+from PIL import Image
 
+import overlays
 import state
 import threshold
 from itae.data import open_uploads
 from itae.extract import extract
+from overlays import SIDE
 
-SIDE = 224  # the model sees a plain 224×224 resize; the maps are drawn on that
 ALPHA = 0.6
-MARK = (0, 255, 255)
 GALLERY_DEFAULT = 4
 ATTENTION_MAP, DIFFERENCE_MAP = "inferno", "RdBu_r"
 BAR_DPI = 200
@@ -38,17 +38,6 @@ def colour(values: np.ndarray, cmap: str) -> Image.Image:
     return Image.fromarray((rgb * 255).astype(np.uint8)).resize((SIDE, SIDE), Image.NEAREST)
 
 
-def mark_artifacts(image: Image.Image, artifact_mask: np.ndarray, prefix: int, grid: tuple[int, int]) -> Image.Image:
-    """Outline the patch cells whose tokens are artifacts."""
-    rows, cols = grid
-    draw = ImageDraw.Draw(image)
-    cell_w, cell_h = SIDE / cols, SIDE / rows
-    for patch in np.flatnonzero(artifact_mask[prefix:]):
-        r, c = divmod(int(patch), cols)
-        draw.rectangle([c * cell_w, r * cell_h, (c + 1) * cell_w - 1, (r + 1) * cell_h - 1], outline=MARK, width=2)
-    return image
-
-
 def scales(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     """(top of the shared attention scale, half-width of the difference's symmetric scale).
 
@@ -60,15 +49,17 @@ def scales(before: np.ndarray, after: np.ndarray) -> tuple[float, float]:
     return top, spread if spread > 0 else top
 
 
-def panels(image: Image.Image, before: np.ndarray, after: np.ndarray, artifact_mask: np.ndarray, prefix: int, grid) -> list[Image.Image]:
-    """Input, original map, ITAE map (one shared scale) and their difference, overlaid on the input."""
+def panels(image: Image.Image, before: np.ndarray, after: np.ndarray, artifact_mask: np.ndarray, planted: np.ndarray | None,
+           prefix: int, grid) -> list[Image.Image]:
+    """Input with its artifacts (and planted tokens) marked, original map, ITAE map (one shared scale) and their
+    difference, overlaid on the input."""
     base = image.resize((SIDE, SIDE), Image.BICUBIC)
     top, spread = scales(before, after)
     original = Image.blend(base, colour(before / top, ATTENTION_MAP), ALPHA)
     attenuated = Image.blend(base, colour(after / top, ATTENTION_MAP), ALPHA)
     changed = Image.blend(base, colour((after - before) / (2 * spread) + 0.5, DIFFERENCE_MAP), ALPHA)
     return [
-        mark_artifacts(base.copy(), artifact_mask, prefix, grid),
+        overlays.mark_tokens(base.copy(), prefix, grid, detected=artifact_mask, planted=planted),
         original,
         attenuated,
         changed,
@@ -109,14 +100,18 @@ def show_image(title: str, image: Image.Image, extraction, result, row: int, hea
     before = head_map(extraction.attention_original[row], head, prefix, grid)
     after = head_map(result.attention[row], head, prefix, grid)
     mask = result.artifact_mask[row]
-    count = int(mask.sum())
-    st.markdown(f"**{title}** · {count} artifact token(s) (outlined)")
-    captions = ["input (artifacts outlined)", "original CLS attention", "ITAE CLS attention", "difference ITAE − original (blue: less)"]
+    planted = None if extraction.planted_mask is None else extraction.planted_mask[row]
+    found = f" · {int(planted.sum())} planted" if planted is not None else ""
+    st.markdown(f"**{title}** · {int(mask.sum())} artifact token(s){found} (marked)")
+    captions = ["input, tokens marked", "original CLS attention", "ITAE CLS attention", "difference ITAE − original (blue: less)"]
     top, spread = scales(before, after)
     shared = colour_bar(ATTENTION_MAP, 0.0, top, "CLS attention")
     bars = [None, shared, shared, colour_bar(DIFFERENCE_MAP, -spread, spread, "change in CLS attention")]
-    for column, panel, caption, bar in zip(st.columns(4), panels(image, before, after, mask, prefix, grid), captions, bars, strict=True):
-        column.image(panel, caption=caption, width=SIDE)
+    # The marked input as PNG: JPEG's colour subsampling washes out the thin outlines; the maps stay JPEG.
+    formats = ["PNG", "auto", "auto", "auto"]
+    for column, panel, caption, bar, format in zip(st.columns(4), panels(image, before, after, mask, planted, prefix, grid), captions, bars,
+                                                   formats, strict=True):
+        column.image(panel, caption=caption, width=SIDE, output_format=format)
         if bar is not None:
             column.image(bar, width=SIDE)
     if info.num_registers:
@@ -126,10 +121,10 @@ def show_image(title: str, image: Image.Image, extraction, result, row: int, hea
 
 
 @st.cache_resource(max_entries=8, show_spinner="Running the model on the uploaded image…")
-def extract_upload(model: str, weights: str, device: str, digest: str, _name: str, _data: bytes):
-    """(dataset, extraction) of one uploaded picture with the current model, shared by content."""
+def extract_upload(model: str, weights: str, device: str, planted: bool, digest: str, _name: str, _data: bytes, _backbone):
+    """(dataset, extraction) of one uploaded picture with the current model (``_backbone``), shared by content."""
     dataset = open_uploads([(_name, _data)])
-    return dataset, extract(state.get_backbone(model, weights, device), dataset)
+    return dataset, extract(_backbone, dataset)
 
 
 def label_of(extraction, row: int) -> str:
@@ -156,7 +151,9 @@ def uploaded(theta: float, rule: str, head: int | None) -> None:
     data = file.getvalue()
     selection = state.current_selection()
     try:
-        dataset, single = extract_upload(selection.model, selection.weights, selection.device, hashlib.sha256(data).hexdigest(), file.name, data)
+        backbone = state.get_backbone(selection.model, selection.weights, selection.device, selection.planted)
+        dataset, single = extract_upload(selection.model, selection.weights, selection.device, selection.planted,
+                                         hashlib.sha256(data).hexdigest(), file.name, data, backbone)
         image = dataset.load(0)
     except state.LIBRARY_ERRORS as error:
         st.error(f"This image cannot be used: {error}")
@@ -175,10 +172,12 @@ def main() -> None:
     extraction = state.current_extraction()
     if extraction is None:
         return
+    st.caption(f"{extraction.info.label} on {extraction.info.data}")
     theta, rule = threshold.controls(extraction)
     heads = extraction.attention_original.shape[1]
     choice = st.selectbox("Head", ["mean over heads"] + [f"head {h}" for h in range(heads)], key="maps_head")
     head = None if choice.startswith("mean") else int(choice.split()[1])
+    st.image(overlays.legend(extraction.planted_mask is not None))
     uploaded(theta, rule, head)
     gallery(extraction, theta, rule, head)
 

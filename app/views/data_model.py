@@ -1,4 +1,6 @@
 """Data & model: pick the images and the backbone, extract once, and see what was loaded."""
+from dataclasses import replace
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -16,6 +18,17 @@ SERVER_FOLDERS_OFF = (
     "Folders on this server are switched off. Whoever runs the server can allow some with the "
     f"`{settings.ALLOWED_ROOTS_VARIABLE}` environment variable (the README's *Hosting* section says how)."
 )
+TEACHING_MODEL = (
+    "**The teaching model.** One register neuron added to this model plants artifacts on a few flat patches "
+    "of every image, at known positions, so that there is something for ITAE to find and a ground truth to "
+    "score it against (*About the method* says how, and what it does not reproduce)."
+)
+MODEL_AS_LOADED = "**The model as loaded**, no artifacts planted. The teaching model plants some, at known positions."
+DEMO_AS_LOADED = (
+    "**The model as loaded**, no artifacts planted. The offline demo weights have none of their own, so ITAE finds "
+    "nothing to remove; the teaching model plants some, at known positions."
+)
+PLANTED_KEY = "model_planted"
 THUMBNAILS = 30
 THUMBNAIL_SIDE = 96
 
@@ -119,13 +132,17 @@ def model_widgets(current: state.Selection) -> dict:
             "Checkpoint file (official DINOv2 .pth, timm or Hugging Face layout)", key="model_weights_path", persist_state=KEEP_EDITS,
             value="" if current.weights in state.NAMED_WEIGHTS else current.weights,
         ).strip()
+    planted = st.checkbox(
+        "Plant artifacts (the teaching model: synthetic, positions known)", value=current.planted, key=PLANTED_KEY,
+        persist_state=KEEP_EDITS, help="One added register neuron makes a few flat patches per image artifacts (itae.planted).",
+    )
     devices = device_options()
     left, right = st.columns(2)
     device = left.selectbox("Device", devices, index=index_of(devices, current.device), key="model_device", persist_state=KEEP_EDITS)
     batch_size = int(right.number_input(
         "Batch size", min_value=1, max_value=1024, value=current.batch_size, key="model_batch", persist_state=KEEP_EDITS,
     ))
-    return {"model": model, "weights": weights, "device": device, "batch_size": batch_size}
+    return {"model": model, "weights": weights, "planted": planted, "device": device, "batch_size": batch_size}
 
 
 def uploaded_files() -> tuple[list[tuple[str, bytes]], bytes | None]:
@@ -153,6 +170,21 @@ def apply(current: state.Selection, choice: dict) -> None:
     selection = state.Selection(**{**{f: getattr(defaults, f) for f in ("root", "path", "labels_csv", "split", "download", "upload_id")}, **choice})
     if state.commit_selection(selection) is not None:
         st.success("Loaded. The other pages now use this data and model.")
+
+
+def teaching_switch(current: state.Selection) -> None:
+    """One click between the teaching model and the same model as loaded, applied at once."""
+    with st.container(border=True):
+        text, right = st.columns([3, 1], vertical_alignment="center")
+        text.markdown(TEACHING_MODEL if current.planted else DEMO_AS_LOADED if current.weights == "demo" else MODEL_AS_LOADED)
+        label = "Remove the planted artifacts" if current.planted else "Plant artifacts"
+        if not right.button(label, key="planted_switch", icon=":material/science:", width="stretch"):
+            return
+    switched = replace(current, planted=not current.planted)
+    if state.commit_selection(switched) is not None:
+        # Before the checkbox below exists in this run, so that it is sent the applied value.
+        st.session_state[PLANTED_KEY] = switched.planted
+        st.rerun()  # the badge, this switch and the widgets all show the new model
 
 
 def show_counts(extraction) -> None:
@@ -197,6 +229,7 @@ def show_skipped(extraction) -> None:
 def main() -> None:
     st.title("Data & model")
     current = state.current_selection()
+    teaching_switch(current)
     with st.expander("Choose data and model", expanded=True):
         data_column, model_column = st.columns(2)
         with data_column:

@@ -1,4 +1,6 @@
 """Norms & θ: the paper's Fig. 2 (query and output norms) and Fig. 3 (CLS attention of artifacts vs normal tokens)."""
+import math
+
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
@@ -10,13 +12,15 @@ import threshold
 from itae.theta import ARTIFACTS, TOO_LITTLE_DATA
 
 BINS = 80
+PLANTED_COLOUR = "#e040fb"  # the planted tokens' colour on every page: the ground truth, not a detection
 NO_ARTIFACT_ADVICE = (
     "**ITAE has nothing to remove in this model.** Its final-layer query norms form one group, with no separate "
     "artifact tokens (the paper, too, left DINOv2 ViT-S/14 without registers unmodified). Moving θ still shows "
     "what attenuating would do, but the tokens it picks are normal ones. To see artifacts, pick a DINOv2 "
     "ViT-B/14, ViT-L/14 or ViT-g/14 (`dinov2_vitb14`, "
     "`dinov2_vitl14`, `dinov2_vitg14`) or a model with registers (`dinov2_vits14_reg`, …) with hub weights on a "
-    "networked machine, on the **Data & model** page."
+    "networked machine, on the **Data & model** page, or plant artifacts whose positions are known there (the "
+    "teaching model, one click)."
 )
 
 
@@ -27,24 +31,37 @@ def bars(values: np.ndarray, edges: np.ndarray, name: str, color: str, share: bo
     return go.Bar(x=(edges[:-1] + edges[1:]) / 2, y=heights, width=np.diff(edges), name=name, marker_color=color, opacity=0.7)
 
 
-def split_tokens(norms: np.ndarray, num_prefix_tokens: int) -> tuple[np.ndarray, np.ndarray]:
-    """(patch values, register values) of an (N, T) array; the CLS column is left out."""
-    return norms[:, num_prefix_tokens:].ravel(), norms[:, 1:num_prefix_tokens].ravel()
+def split_tokens(norms: np.ndarray, num_prefix_tokens: int, planted: np.ndarray | None) -> dict[str, np.ndarray]:
+    """The values of an (N, T) array by kind of token, CLS left out: patches, registers, and the planted
+    patches apart from the others where the model has them (``planted``, bool (N, T))."""
+    patches = norms[:, num_prefix_tokens:]
+    registers = norms[:, 1:num_prefix_tokens].ravel()
+    if planted is None:
+        return {"patch tokens": patches.ravel(), "register tokens": registers}
+    planted_patches = planted[:, num_prefix_tokens:]
+    return {"other patch tokens": patches[~planted_patches], "register tokens": registers,
+            "planted (ground truth)": patches[planted_patches]}
+
+
+TOKEN_COLOURS = {"patch tokens": "#1f77b4", "other patch tokens": "#1f77b4", "register tokens": "#ff7f0e",
+                 "planted (ground truth)": PLANTED_COLOUR}
 
 
 def norms_figure(extraction, theta: float, log_y: bool) -> go.Figure:
-    """Fig. 2: query norms (Eq. 4) with θ, and output token norms; registers as their own trace."""
+    """Fig. 2: query norms (Eq. 4) with θ, and output token norms; registers and planted tokens as their own traces."""
     prefix = extraction.info.num_prefix_tokens
     figure = make_subplots(rows=1, cols=2, subplot_titles=("Final-layer query norms (Eq. 4)", "Output token norms"))
     for col, norms in ((1, extraction.query_norms), (2, extraction.output_norms)):
-        patches, registers = split_tokens(norms, prefix)
         edges = np.histogram_bin_edges(norms[:, 1:], bins=BINS)
-        figure.add_trace(bars(patches, edges, "patch tokens", "#1f77b4"), row=1, col=col)
-        if registers.size:
-            figure.add_trace(bars(registers, edges, "register tokens", "#ff7f0e"), row=1, col=col)
+        for name, values in split_tokens(norms, prefix, extraction.planted_mask).items():
+            if values.size:
+                figure.add_trace(bars(values, edges, name, TOKEN_COLOURS[name]), row=1, col=col)
     figure.add_vline(x=theta, line_dash="dash", line_color="red", annotation_text=f"θ = {theta:.2f}", row=1, col=1)
     figure.update_traces(showlegend=False, selector=dict(xaxis="x2"))
-    figure.update_layout(barmode="overlay", height=380, margin=dict(l=10, r=10, t=40, b=10), legend=dict(orientation="h", y=-0.2))
+    figure.update_layout(
+        title=dict(text=extraction.info.label, font=dict(size=13)), barmode="overlay", height=400,
+        margin=dict(l=10, r=10, t=70, b=10), legend=dict(orientation="h", y=-0.2),
+    )
     figure.update_yaxes(type="log" if log_y else "linear", title_text="tokens")
     figure.update_xaxes(title_text="L2 norm")
     return figure
@@ -64,8 +81,8 @@ def attention_figure(extraction, mask: np.ndarray, itae_attention: np.ndarray, l
     edges = np.histogram_bin_edges(np.concatenate([v for _, v, _ in logs]), bins=BINS)
     figure = go.Figure([bars(values, edges, name, color, share=True) for name, values, color in logs if values.size])
     figure.update_layout(
-        barmode="overlay", height=340, margin=dict(l=10, r=10, t=40, b=10),
-        title="CLS attention per head (Fig. 3), each group as a share of its tokens",
+        barmode="overlay", height=360, margin=dict(l=10, r=10, t=60, b=10),
+        title=f"CLS attention per head (Fig. 3), each group as a share of its tokens<br><sup>{extraction.info.label}</sup>",
         xaxis_title="log₁₀ attention of the CLS token to the token", yaxis_title="share of the group",
         legend=dict(orientation="h", y=-0.25),
     )
@@ -86,15 +103,33 @@ def show_counts(extraction, theta: float, rule: str, mask: np.ndarray) -> None:
     st.markdown(f"**{int(per_image.sum()):,} artifact tokens** at θ = {theta:.2f} under the *{rule}* rule ({per_image.mean():.2f} per image).")
 
 
+def score_text(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.3f}"
+
+
+def show_detection(extraction, theta: float, rule: str, mask: np.ndarray) -> None:
+    """How ITAE's artifacts at θ match the planted ones, on the teaching model only."""
+    if extraction.planted_mask is None:
+        return
+    scores = extraction.detection_scores(mask)
+    columns = st.columns(4)
+    columns[0].metric("Detection precision", score_text(scores.precision), help="Artifacts at θ that are planted, over the artifacts at θ.")
+    columns[1].metric("Detection recall", score_text(scores.recall), help="Planted tokens that are artifacts at θ, over the planted tokens.")
+    columns[2].metric("Jaccard", score_text(scores.jaccard), help="Tokens in both, over tokens in either.")
+    columns[3].metric("Planted tokens", f"{scores.planted:,}", f"{scores.both:,} found at θ", delta_color="off", delta_arrow="off")
+    st.caption(
+        f"The teaching model's ground truth: ITAE's artifacts at θ = {theta:.2f} (*{rule}* rule) against the tokens "
+        "whose positions were planted. Move θ and watch what a threshold off the valley costs."
+    )
+
+
 def theta_area(extraction) -> None:
     """The θ controls, the counts, Fig. 2 and Fig. 3 at the θ and rule they settled on."""
     theta, rule = threshold.controls(extraction)
-    reason = threshold.start_reason()
-    if reason:
-        st.caption(reason)
     log_y = st.toggle("Logarithmic y axis", key="norms_log_y")
     mask = extraction.artifact_mask(theta, rule)
     show_counts(extraction, theta, rule, mask)
+    show_detection(extraction, theta, rule, mask)
     st.plotly_chart(norms_figure(extraction, theta, log_y), key="norms_histograms")
     if mask.any():
         result = state.itae_result(extraction, theta, rule)

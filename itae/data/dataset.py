@@ -44,11 +44,16 @@ class ImageDataset:
     fingerprint : str
         Short hex string that changes whenever the content does.
     description : str
-        Human-readable one-liner.
+        Human-readable one-liner with the source's counts, e.g. "Folder 'pets', 120 images, 3 classes,
+        2 skipped".
+    title : str
+        What the images are, without counts: "Folder 'pets'", or for a subset "Folder 'pets'; balanced
+        subset of 20 (seed 0)". An extraction states its own counts after it (:func:`describe`) where
+        images could not be decoded, so that no count it shows is one the decoding disproved.
     """
 
     def __init__(self, store, keys, names, *, labels=None, class_names=None, skipped=(),
-                 fingerprint, description):
+                 fingerprint, description, title):
         self._store = store
         self._keys = list(keys)
         self.names = list(names)
@@ -57,9 +62,10 @@ class ImageDataset:
         self.skipped = list(skipped)
         self.fingerprint = fingerprint
         self.description = description
+        self.title = title
 
     @classmethod
-    def from_arrays(cls, images, labels=None, class_names=None, names=None, description=None):
+    def from_arrays(cls, images, labels=None, class_names=None, names=None, title="In-memory images"):
         """Wrap images held in memory; the fingerprint hashes the content.
 
         Parameters
@@ -72,7 +78,8 @@ class ImageDataset:
             Default "0", "1", ... when there are labels.
         names : list of str, optional
             Default "0", "1", ...
-        description : str, optional
+        title : str, optional
+            What the images are, the start of the description.
 
         Returns
         -------
@@ -100,9 +107,9 @@ class ImageDataset:
                                  f"to {n_classes - 1}")
         fingerprint = digest(_array_digest(images), None if labels is None else labels.tobytes(),
                               class_names, names)
-        description = description or describe("In-memory images", len(images), class_names, [])
         return cls(_ArrayStore(images), range(len(images)), names, labels=labels,
-                   class_names=class_names, fingerprint=fingerprint, description=description)
+                   class_names=class_names, fingerprint=fingerprint, title=title,
+                   description=describe(title, len(images), class_names, []))
 
     def __len__(self):
         return len(self.names)
@@ -137,7 +144,7 @@ class ImageDataset:
         except Exception as err:  # decoders raise assorted types on malformed files
             raise UnreadableImage(self.names[i], skip_reason(err)) from err
 
-    def _take(self, indices, fingerprint, description):
+    def _take(self, indices, fingerprint, description, title):
         """The images at `indices` (ndarray of shape (n_taken,)) as a new dataset."""
         return ImageDataset(
             self._store,
@@ -148,6 +155,7 @@ class ImageDataset:
             skipped=self.skipped,
             fingerprint=fingerprint,
             description=description,
+            title=title,
         )
 
 
@@ -189,8 +197,8 @@ def balanced_subset(ds, limit, seed=0):
                   for k in range(len(counts))]
         indices = np.sort(np.concatenate(chosen))
     fingerprint = digest(ds.fingerprint, "subset", indices.astype(np.int64).tobytes())
-    description = f"{ds.description}; balanced subset of {limit:,} (seed {seed})"
-    return ds._take(indices, fingerprint, description)
+    subset = f"balanced subset of {limit:,} (seed {seed})"
+    return ds._take(indices, fingerprint, f"{ds.description}; {subset}", f"{ds.title}; {subset}")
 
 
 class _ArrayStore:

@@ -266,7 +266,7 @@ def file_dataset(store, entries, *, skipped, identity, title, labels_csv=None,
         class_names = [(class_titles or {}).get(c, c) for c in order]
     signatures = [[name, cls, store.signature(key)] for key, name, cls in entries]
     return ImageDataset(store, keys, names, labels=labels, class_names=class_names,
-                        skipped=skipped, fingerprint=digest(identity, signatures),
+                        skipped=skipped, fingerprint=digest(identity, signatures), title=title,
                         description=describe(title, len(entries), class_names, skipped))
 
 

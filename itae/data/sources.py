@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from itae.choices import SPLITS
-from itae.data.dataset import ImageDataset, SkippedImage, describe
+from itae.data.dataset import ImageDataset, SkippedImage
 from itae.data.files import BytesStore, DirStore, file_dataset, open_folder, open_zip
 from itae.errors import DataSourceError
 from itae.resources import bundled
@@ -132,8 +132,7 @@ def _open_demo(root, split, download):
         images, labels = demo["images"], demo["labels"]
         class_names, source_indices = demo["class_names"].tolist(), demo["source_indices"]
     return ImageDataset.from_arrays(
-        images, labels, class_names, [f"test/{i}" for i in source_indices],
-        describe("Fashion-MNIST demo (test)", len(images), class_names, []))
+        images, labels, class_names, [f"test/{i}" for i in source_indices], title="Fashion-MNIST demo (test)")
 
 
 def _open_demo_photos(root, split, download):
@@ -172,7 +171,7 @@ def _open_fashion_mnist(root, split, download):
                               f"{len(labels)} labels")
     return ImageDataset.from_arrays(
         images, labels, FashionMNIST.classes, [f"{split}/{i}" for i in range(len(images))],
-        describe(f"Fashion-MNIST {split}", len(images), FashionMNIST.classes, []))
+        title=f"Fashion-MNIST {split}")
 
 
 def _fashion_mnist_folders(root):
@@ -236,8 +235,7 @@ def _torchvision_source(class_name, title):
         # STL-10 has class names only where its class_names.txt was kept.
         class_names = getattr(dataset, "classes", None) or [str(k) for k in range(10)]
         return ImageDataset.from_arrays(
-            images, labels, class_names, [f"{split}/{i}" for i in range(len(images))],
-            describe(f"{title} {split}", len(images), class_names, []))
+            images, labels, class_names, [f"{split}/{i}" for i in range(len(images))], title=f"{title} {split}")
     return open_it
 
 
