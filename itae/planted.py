@@ -315,7 +315,7 @@ def _direction(block: nn.Module, cls_queries: torch.Tensor, log_partition: torch
         standardised = (raw - raw.mean()) / raw.std(unbiased=False)
         q, k, _ = attn.qkv(norm.weight * standardised + norm.bias).reshape(3, attn.num_heads, attn.head_dim)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        norm_q = engine.query_norms_from_queries(q[None, :, None])[0, 0]
+        norm_q = engine.qkv_norms(q[None, :, None])[0, 0]
         logit = (cls_queries * k).sum(-1) * attn.scale + math.log(per_image)  # B, H: all planted tokens at once
         share = torch.sigmoid(logit - log_partition).mean()
         return norm_q, share
