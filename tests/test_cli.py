@@ -486,3 +486,26 @@ def test_eval_runs_another_algorithm_on_the_same_features(capsys, tmp_path, cach
     assert status == 0 and "Zero-shot Gaussian mixture clustering" in out
     report = json.loads(json_file.read_text())
     assert report["algorithm"] == "gmm" and report["original"]["acc"]["mean"] is not None
+
+
+def test_compare_report_puts_each_score_in_its_column():
+    summary = {"mean": 0.5, "std": 0.1, "se": 0.05}
+    method = {"method": "key-norm", "label": "key-norm detector", "kind": "itae", "available": True,
+              "variant": {"detector": "key", "attenuation": "min", "factor": 0.1, "rows": "cls", "blocks": 1},
+              "theta": 6.5, "theta_origin": "auto", "tokens_per_image": 5.25, "seconds_per_image": 0.002,
+              "clustering": {"acc": summary, "nmi": summary, "ari": summary, "inertia": summary, "sets": 2},
+              "detection": {"precision": 0.9, "recall": 0.8, "jaccard": 0.7, "detected": 40, "planted": 45, "both": 36},
+              "same_as": None, "note": ""}
+    report = {"label": "m", "weights": "demo", "data": "d", "n_images": 9, "n_clusters": 3, "algorithm": "kmeans",
+              "sets": 2, "runs": 3, "seed": 0, "methods": [method],
+              "theta_decisions": {"key": {"reason": "Artifacts: the reason.", "warning": "A warning."}},
+              "detector_agreement": {"names": ["key", "planted"], "jaccard": [[1.0, 0.7], [0.7, 1.0]]}}
+    text = reports.compare_report(report)
+    assert "  key norms: Artifacts: the reason.\n    warning: A warning." in text
+    main_row = next(line for line in text.splitlines() if line.startswith("key-norm detector") and "±" in line)
+    assert main_row.split()[2:] == ["6.5", "5.25", "50.00", "±", "5.00", "50.00", "±", "5.00", "50.00", "±", "5.00", "2.00"]
+    detection_table = text[text.index("Detection against the 45"):text.index("Detector agreement")]
+    detection_row = detection_table.strip().splitlines()[-1]
+    assert detection_row.split()[2:] == ["key", "6.5", "0.900", "0.800", "0.700", "40"]
+    row = reports.compare_rows(report)[0]
+    assert (row["detection_precision"], row["detection_recall"], row["acc_se"], row["blocks"]) == (0.9, 0.8, 0.05, 1)

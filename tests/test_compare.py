@@ -70,6 +70,16 @@ def test_the_last_blocks_variant_is_the_engines_full_forward_and_is_cached(tiny,
     assert again.results[0].seconds_per_image == last2.seconds_per_image, "the time measured when it was computed"
 
 
+def test_a_new_theta_is_a_new_pass_not_the_cached_one(tiny):
+    backbone, dataset, extraction, theta, cache, comparison = tiny
+    other = float(np.quantile(extraction.query_norms[:, 1:], 0.8))
+    again = compare(backbone, dataset, extraction, [METHODS["itae-last2"]], cache, theta=other, **PROTOCOL).results[0]
+    x = batch_of(backbone, dataset, extraction.indices)
+    expected = cls_features(backbone.model, x, other, "minority", blocks=2)
+    torch.testing.assert_close(torch.from_numpy(again.features), expected, atol=1e-5, rtol=0)
+    assert not np.array_equal(again.features, comparison.result("itae-last2").features)
+
+
 def test_other_detectors_take_the_policys_automatic_theta_on_their_own_norms(tiny):
     _, _, extraction, _, _, comparison = tiny
     info = extraction.info
@@ -168,12 +178,17 @@ def planted_demo(tmp_path_factory):
 def test_the_query_norm_detector_finds_the_planted_artifacts(planted_demo):
     backbone, dataset, extraction, cache = planted_demo
     methods = [METHODS[name] for name in ("original", "itae", "key-norm", "output-norm", "itae-remove")]
+    methods.append(parse_method("itae:detector=output,blocks=2"))
     comparison = compare(backbone, dataset, extraction, methods, cache, **PROTOCOL)
     itae_result = comparison.result("itae")
     assert itae_result.theta.origin == "auto"  # the demo ViT-S has no θ from the paper
     assert itae_result.detection.precision >= 0.95 and itae_result.detection.recall >= 0.95
     assert itae_result.detection.planted == int(extraction.planted_mask.sum()) > 0
-    assert comparison.result("output-norm").detection.recall >= 0.95  # 10x the others' residual norm
+    output = comparison.result("output-norm")
+    assert output.detection.recall >= 0.95  # 10x the others' residual norm
+    last2 = comparison.result("itae:detector=output,blocks=2")  # the same detector, another place to attenuate
+    np.testing.assert_array_equal(last2.artifact_mask, output.artifact_mask)
+    assert not np.array_equal(last2.features, output.features)
     assert comparison.agreement.names[-1] == "planted"
     assert comparison.agreement.jaccard[0, -1] == itae_result.detection.jaccard
 

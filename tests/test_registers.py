@@ -6,7 +6,7 @@ import torch
 from itae import registers
 from itae.backbones import Backbone, make_preprocess
 from itae.data import ImageDataset
-from itae.planted import planted_mask
+from itae.planted import fired_tokens, planted_mask
 from itae.registers import (
     RegisterNeurons,
     calibrated_register_neurons,
@@ -70,6 +70,19 @@ def test_the_outliers_move_to_the_register_token(planted):
     assert truth.any() and norms[:, :-1][truth].max() < 0.2 * planting.magnitude, "no patch carries the outlier"
     fired = truth.any(1)  # where the neuron fires nowhere, its largest activation is 0 and nothing moves
     assert norms[fired, -1].min() > 0.9 * planting.magnitude, "the test-time register does"
+    # The planted neuron still fires on the same patches, never on the appended register.
+    latest = fired_tokens(model)
+    assert latest.shape == (6, truth.shape[1] + 1) and torch.equal(latest[:, :-1], truth) and not latest[:, -1].any()
+
+
+def test_the_calibration_ranks_units_by_the_size_of_their_activation():
+    model, preprocess, planting = planted_tiny(swiglu=True)
+    mlp = model.blocks[planting.block].mlp
+    with torch.no_grad():  # the same write into the residual stream, by a negative activation: act(gate) * -1
+        mlp.fc1.bias[-1] = -1.0
+        mlp.fc2.weight[:, -1] *= -1
+    neurons = find_register_neurons(model, [batch(preprocess, 8, seed) for seed in range(3)], top_k=5)
+    assert neurons.units == ((planting.block, mlp.fc2.in_features - 1),)
 
 
 def test_without_register_neurons_the_model_runs_unmodified_bit_for_bit():
