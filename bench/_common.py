@@ -32,6 +32,7 @@ __all__ = [
     "ROOT",
     "add_device_args",
     "autocast",
+    "cpu_flags",
     "cpu_model",
     "informative_random",
     "limit_threads",
@@ -56,12 +57,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_flags() -> str:
+    """The CPU's family and model numbers and its vector-unit flags (AVX, AVX-512, AMX, FMA) from /proc/cpuinfo.
+
+    A bare "AMD EPYC" names no generation; these say which kernels torch can use (bf16 needs avx512_bf16 or amx).
+    """
+    fields: dict[str, str] = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            fields.setdefault(name.strip(), value.strip())
+    except OSError:
+        return "flags unknown"
+    vector = [flag for flag in fields.get("flags", "").split() if flag.startswith(("avx", "amx", "fma"))]
+    return f"family {fields.get('cpu family', '?')} model {fields.get('model', '?')}; flags {' '.join(vector) or 'none'}"
+
+
 def machine() -> str:
-    """One line naming the CPU, its usable cores, torch's threads and the GPU (or "none")."""
+    """One line naming the CPU (model, family, vector flags), its usable cores, torch's threads and the GPU (or "none")."""
     cores = len(os.sched_getaffinity(0))
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    return (f"CPU {cpu_model()}, {cores} cores (torch threads {torch.get_num_threads()}); GPU {gpu}; "
+    return (f"CPU {cpu_model()} ({cpu_flags()}), {cores} cores (torch threads {torch.get_num_threads()}); GPU {gpu}; "
             f"torch {torch.__version__}; load average {load}")
 
 
