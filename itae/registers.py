@@ -27,7 +27,9 @@ Two steps, as in the authors' code (``nickjiang2378/test-time-registers``):
    gated unit ``act(gate) * value`` that ``fc2`` reads (their code skipped SwiGLU).
 
 The extra token is appended after the patches, so CLS, trained registers and patches keep their indices.
-A model without register neurons is run unmodified, without the extra token.
+It starts as the mean of the patch tokens (the authors' DINOv2 code starts it at zero, without a position
+embedding; the mean puts it among the tokens the first block expects). A model without register neurons
+is run unmodified, without the extra token.
 """
 from __future__ import annotations
 
