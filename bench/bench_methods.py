@@ -32,7 +32,7 @@ from itae.backbones import load_backbone
 from itae.data import balanced_subset, open_source
 from itae.extract import extract
 from itae.registers import calibrated_register_neurons, features_with_test_time_register
-from itae.theta import choose_theta
+from itae.theta import decide_theta
 
 
 def inference_variants(backbone, x, theta: dict, neurons) -> dict:
@@ -87,7 +87,11 @@ def main(argv=None) -> dict:
         neurons = calibrated_register_neurons(backbone, cache)
         calibration_s = time.perf_counter() - start
     extraction = extract(backbone, dataset, batch_size=batch, precision=precision)
-    theta = {detector: choose_theta(extraction.detector_norms(detector), "auto").value for detector in ("query", "key", "output")}
+    layout = {"num_prefix_tokens": extraction.info.num_prefix_tokens, "grid_size": extraction.info.grid_size}
+    theta = {detector: decide_theta("auto", extraction.detector_norms(detector), **layout).value
+             for detector in ("query", "key", "output")}
+    if None in theta.values():
+        raise SystemExit(f"the θ policy attenuates nothing for a detector ({theta}): its timing would be the plain model's")
     x = torch.stack([backbone.preprocess(dataset.load(i)) for i in range(len(dataset))]).to(device)
 
     def timed(fn):
