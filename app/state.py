@@ -39,6 +39,7 @@ __all__ = [
     "SESSIONS_FOLDER",
     "Selection",
     "commit_selection",
+    "current_backbone",
     "current_dataset",
     "current_extraction",
     "current_selection",
@@ -157,6 +158,12 @@ def open_dataset(selection: Selection) -> ImageDataset:
             raise DataSourceError("the uploaded files are gone (a new browser session?); upload them again")
         return uploads[selection.upload_id]
     return _open_source(selection.source, selection.root, selection.path, selection.labels_csv, selection.split, selection.download)
+
+
+def current_backbone() -> Backbone:
+    """The model of the current selection, shared and loaded once; raises BackboneError with advice."""
+    selection = current_selection()
+    return get_backbone(selection.model, selection.weights, selection.device)
 
 
 def subset_of(selection: Selection) -> ImageDataset:

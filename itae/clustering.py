@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import HDBSCAN, AgglomerativeClustering, SpectralClustering
 from sklearn.mixture import GaussianMixture
 
@@ -43,7 +44,10 @@ from itae.evaluate import (
     l2_normalize,
 )
 
-__all__ = ["ALGORITHMS", "DETERMINISTIC", "ClusteringResult", "cluster_labels", "clustering_protocol", "set_seed"]
+__all__ = [
+    "ALGORITHMS", "DETERMINISTIC", "UNMATCHED", "ClusterMovers", "ClusteringResult", "cluster_labels", "cluster_movers",
+    "clustering_protocol", "set_seed",
+]
 
 DETERMINISTIC = ("agglomerative", "hdbscan")
 """Algorithms without randomness: the protocol runs them once (one set)."""
@@ -200,3 +204,88 @@ def clustering_protocol(
     arrays = {name: np.asarray(values) for name, values in per_set.items()}
     protocol = ProtocolResult(len(X), int(n_clusters), sets, runs, int(seed), **arrays)
     return ClusteringResult(algorithm, protocol, np.asarray(found), np.asarray(noise))
+
+
+@dataclass
+class ClusterMovers:
+    """Which images change cluster between two partitions of the same images (before and after a method).
+
+    Cluster numbers are arbitrary in each partition, so the ``after`` clusters are first matched to the
+    ``before`` clusters (the matching that keeps the most images together, Hungarian algorithm on the
+    contingency matrix); an image moves when its ``after`` cluster is matched to another ``before`` cluster
+    than its own, or to none.
+
+    Attributes
+    ----------
+    before, after : ndarray of int, shape (N,)
+        The two partitions' labels as given (HDBSCAN's noise is -1, a cluster of its own here).
+    before_clusters, after_clusters : ndarray of int
+        The distinct labels of each partition, sorted; the rows and columns of ``contingency``.
+    contingency : ndarray of int, shape (len(before_clusters), len(after_clusters))
+        Images in before cluster i and after cluster j, the columns in the matched order (``after_clusters``
+        is in that order): the matched ones in the order of their before clusters, unmatched ones last.
+    column_match : ndarray of int, shape (len(after_clusters),)
+        The before cluster each column is matched to, or ``UNMATCHED``.
+    matched : ndarray of int, shape (N,)
+        Each image's after cluster, named by the before cluster it is matched to; -2 where it matches none.
+    moved : ndarray of bool, shape (N,)
+    majority : list of str or None
+        For each before cluster, its most common true class name (None without labels).
+    """
+
+    before: np.ndarray
+    after: np.ndarray
+    before_clusters: np.ndarray
+    after_clusters: np.ndarray
+    contingency: np.ndarray
+    column_match: np.ndarray
+    matched: np.ndarray
+    moved: np.ndarray
+    majority: list[str] | None = None
+
+    @property
+    def n_moved(self) -> int:
+        return int(self.moved.sum())
+
+
+UNMATCHED = -2
+"""``ClusterMovers.matched`` of an image whose after cluster matches no before cluster."""
+
+
+def cluster_movers(before, after, labels=None, class_names=None) -> ClusterMovers:
+    """Match the clusters of ``after`` to those of ``before`` and find the images that changed cluster.
+
+    Parameters
+    ----------
+    before, after : array-like of int, shape (N,)
+        Cluster labels of the same images, e.g. :func:`cluster_labels` of the original and of ITAE's features.
+    labels : array-like of int, shape (N,), optional
+        True classes, to name each before cluster by its most common class.
+    class_names : sequence of str, optional
+        Names of the classes in ``labels``.
+
+    Returns
+    -------
+    ClusterMovers
+    """
+    before, after = np.asarray(before), np.asarray(after)
+    if before.shape != after.shape or before.ndim != 1:
+        raise ValueError(f"before and after must label the same images, got shapes {before.shape} and {after.shape}")
+    rows, row_of = np.unique(before, return_inverse=True)
+    columns, column_of = np.unique(after, return_inverse=True)
+    counts = np.zeros((len(rows), len(columns)), dtype=np.int64)
+    np.add.at(counts, (row_of, column_of), 1)
+    matched_rows, matched_columns = linear_sum_assignment(counts, maximize=True)
+    order = [*matched_columns[np.argsort(matched_rows)], *sorted(set(range(len(columns))) - set(matched_columns))]
+    match = np.full(len(columns), UNMATCHED, dtype=np.int64)
+    match[matched_columns] = rows[matched_rows]
+    matched = match[column_of]
+    majority = None
+    if labels is not None:
+        labels = np.asarray(labels)
+        majority = []
+        for cluster in rows:
+            common = int(np.bincount(labels[before == cluster]).argmax())
+            majority.append(str(class_names[common]) if class_names is not None else str(common))
+    return ClusterMovers(before, after, rows, columns[order], counts[:, order], match[order], matched,
+                         matched != before, majority)

@@ -38,7 +38,7 @@ import torch
 from itae import engine
 from itae.backbones import Backbone, load_backbone
 from itae.choices import ALGORITHMS
-from itae.clustering import ClusteringResult, cluster_labels, clustering_protocol
+from itae.clustering import ClusteringResult, ClusterMovers, cluster_labels, cluster_movers, clustering_protocol
 from itae.data import ImageDataset
 from itae.errors import BackboneError
 from itae.extract import Extraction, autocast, extract_cached, preprocessed_batches
@@ -188,6 +188,16 @@ class Comparison:
         k = result.clustering.protocol.n_clusters
         return cluster_labels(result.features, k, self.algorithm, self.seed, set_index, self.runs, self.backend,
                               self.device)
+
+    def movers(self, name: str, set_index: int = 0, reference: str = "original") -> ClusterMovers:
+        """Which images method ``name`` puts in another cluster than ``reference`` does, in set ``set_index``.
+
+        Both partitions are the ones the set was scored on (:meth:`cluster_labels`); the clusters are matched
+        as :func:`itae.clustering.cluster_movers` says, and named by their most common class where there are labels.
+        """
+        extraction = self.extraction
+        return cluster_movers(self.cluster_labels(reference, set_index), self.cluster_labels(name, set_index),
+                              extraction.labels, extraction.class_names)
 
     def to_dict(self) -> dict:
         """JSON-ready: what was compared, how, and every method's row."""

@@ -86,6 +86,15 @@ class Method:
     kind: str
     variant: Variant | None = None
 
+    @property
+    def runs_the_backbone(self) -> bool:
+        """Whether its features need one more pass of a model over the images (minutes on a CPU the first
+        time, then cached): test-time registers (with their calibration), trained registers and ITAE in
+        blocks before the final one. The others are read from the final-block cache in a blink."""
+        if self.kind == "itae":
+            return self.variant.needs_earlier_blocks
+        return self.kind != "original"
+
     def identity(self) -> dict:
         """What makes this method's features differ from another's: part of the cache key of its features."""
         return {"kind": self.kind, "variant": None if self.variant is None else dataclasses.asdict(self.variant)}

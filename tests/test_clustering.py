@@ -3,7 +3,14 @@ import numpy as np
 import pytest
 
 from itae.choices import ALGORITHMS
-from itae.clustering import DETERMINISTIC, cluster_labels, clustering_protocol, set_seed
+from itae.clustering import (
+    DETERMINISTIC,
+    UNMATCHED,
+    cluster_labels,
+    cluster_movers,
+    clustering_protocol,
+    set_seed,
+)
 from itae.evaluate import cluster_protocol, clustering_accuracy
 
 
@@ -82,3 +89,28 @@ def test_bad_arguments():
         cluster_labels(X, 3, "hdbscan", set_index=1)
     with pytest.raises(ValueError, match="one entry per row"):
         clustering_protocol(X, labels[:-1], algorithm="gmm")
+
+
+def test_cluster_movers_match_renamed_clusters_and_find_the_images_that_moved():
+    before = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    # The same clusters under other numbers, except image 2 (0 -> 1) and image 7 (2 -> 1).
+    after = np.array([5, 5, 9, 9, 9, 9, 7, 9])
+    movers = cluster_movers(before, after, labels=np.array([0, 0, 1, 1, 1, 1, 2, 2]), class_names=["a", "b", "c"])
+    assert movers.moved.tolist() == [False, False, True, False, False, False, False, True] and movers.n_moved == 2
+    assert movers.matched.tolist() == [0, 0, 1, 1, 1, 1, 2, 1]
+    assert movers.after_clusters.tolist() == [5, 9, 7]  # column i is the after cluster matched to before cluster i
+    assert movers.contingency.tolist() == [[2, 1, 0], [0, 3, 0], [0, 1, 1]] and movers.column_match.tolist() == [0, 1, 2]
+    assert movers.majority == ["a", "b", "c"]
+
+
+def test_cluster_movers_with_more_clusters_after_than_before():
+    before = np.array([0, 0, 1, 1])
+    after = np.array([3, 4, 5, 5])  # cluster 0 split in two: one half matches, the other matches nothing
+    movers = cluster_movers(before, after)
+    assert movers.moved.sum() == 1 and UNMATCHED in movers.matched.tolist()
+    assert movers.contingency.shape == (2, 3) and movers.contingency.sum() == 4 and movers.majority is None
+    assert movers.column_match.tolist()[:2] == [0, 1] and movers.column_match[2] == UNMATCHED
+    fewer = cluster_movers(after, before)  # three clusters before, two after: one before cluster is left unmatched
+    assert fewer.contingency.shape == (3, 2) and sorted(fewer.column_match.tolist()) == [3, 5]
+    with pytest.raises(ValueError, match="same images"):
+        cluster_movers(before, after[:3])

@@ -200,3 +200,17 @@ def test_progress_counts_the_methods_done(tiny):
             progress=lambda done, total, message: calls.append((done, total, message)), **PROTOCOL)
     assert calls[0] == (0, 2, "features: original") and calls[-1] == (2, 2, "done")
     assert [done for done, _, _ in calls] == sorted(done for done, _, _ in calls)
+
+
+def test_movers_are_the_images_a_method_puts_in_another_cluster(tiny):
+    _, _, extraction, _, _, comparison = tiny
+    movers = comparison.movers("itae", 1)
+    np.testing.assert_array_equal(movers.before, comparison.cluster_labels("original", 1))
+    np.testing.assert_array_equal(movers.after, comparison.cluster_labels("itae", 1))
+    assert movers.contingency.sum() == len(extraction) and len(movers.majority) == len(movers.before_clusters)
+    assert comparison.movers("original", 1).n_moved == 0
+
+
+def test_the_methods_that_run_a_model_again_say_so():
+    slow = {name for name, method in METHODS.items() if method.runs_the_backbone}
+    assert slow == {"itae-last2", "itae-last2-eq5", "test-time-registers", "trained-registers"}
