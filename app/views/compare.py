@@ -9,7 +9,7 @@ at once. Comparisons are kept for all sessions in a small store, as extractions 
 import json
 import threading
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import pandas as pd
@@ -102,8 +102,8 @@ def settings_form(extraction) -> tuple[Request, tuple[str, ...]]:
             "Methods (the original model is always the first row: the reference)", [n for n in METHODS if n != "original"],
             default=[n for n in DEFAULT_METHODS if n != "original"], format_func=lambda n: METHODS[n].label,
             key="compare_methods",
-            help="Marked ⏳: they run a model over the images again, minutes on a CPU the first time (then cached), "
-            "so they run only when you press their button below.",
+            help="Test-time registers, trained registers and ITAE in earlier blocks run a model over the images "
+            "again, minutes on a CPU the first time (then cached): they run only when you press their button below.",
         )
         columns = st.columns(5)
         algorithm = columns[0].selectbox("Clustering", ALGORITHMS, format_func=ALGORITHM_NAMES.get, key="compare_algorithm",
@@ -172,13 +172,14 @@ def bar_chart(report: dict) -> go.Figure:
     return figure
 
 
-def heatmap(z, x, y, title: str, zmax=None) -> go.Figure:
+def heatmap(z, x, y, title: str, zmax=None, axes: tuple[str, str] = ("", "")) -> go.Figure:
     values = np.asarray(z, dtype=float)
     text = [["n/a" if np.isnan(v) else (f"{v:.2f}" if zmax == 1 else f"{v:g}") for v in row] for row in values]
     figure = go.Figure(go.Heatmap(z=values, x=x, y=y, text=text, texttemplate="%{text}", colorscale="Blues",
                                   zmin=0, zmax=zmax, showscale=False))
-    figure.update_layout(title=title, height=120 + 40 * len(y), margin=dict(l=10, r=10, t=40, b=10))
-    figure.update_yaxes(autorange="reversed")
+    figure.update_layout(title=title, height=160 + 40 * len(y), margin=dict(l=10, r=10, t=40, b=10))
+    figure.update_yaxes(autorange="reversed", title_text=axes[1])
+    figure.update_xaxes(title_text=axes[0])
     return figure
 
 
@@ -235,13 +236,16 @@ def movers_section(comparison: Comparison, extraction) -> None:
     columns = [f"→ {cluster_name(movers, int(c))}" if c != UNMATCHED else f"→ unmatched ({i})"
                for i, c in enumerate(movers.column_match)]
     rows = [cluster_name(movers, int(c)) for c in movers.before_clusters]
-    st.plotly_chart(heatmap(movers.contingency, columns, rows,
-                            "Images per (original cluster: rows, matched method cluster: columns); off the diagonal: movers"),
+    st.plotly_chart(heatmap(movers.contingency, columns, rows, "Images per pair of clusters; off the diagonal: movers",
+                            axes=("the method's cluster, matched", "original cluster")),
                     key="compare_contingency")
     moved = np.flatnonzero(movers.moved)
     if not len(moved):
         return
-    shown = int(st.number_input("Movers shown", 1, len(moved), min(MOVERS_SHOWN, len(moved)), key="compare_movers_shown"))
+    shown = len(moved)
+    if len(moved) > MOVERS_SHOWN:
+        shown = int(st.columns(4)[0].number_input(f"Movers shown (of {len(moved)})", 1, len(moved), MOVERS_SHOWN,
+                                                  key="compare_movers_shown"))
     dataset = state.current_dataset()
     for row in moved[:shown]:
         mover(extraction, dataset, result, movers, int(row))
@@ -291,13 +295,14 @@ def main() -> None:
     info = extraction.info
     st.markdown(f"**Model** {info.label} [weights {info.weights}] · **Data** {info.data} · {len(extraction):,} images")
     request, slow = settings_form(extraction)
-    quick = Request(**{**request.__dict__, "methods": tuple(n for n in request.methods if n not in slow)})
+    quick = replace(request, methods=tuple(n for n in request.methods if n not in slow))
     comparison = _store().get(request) if slow else None
     if slow and comparison is None:
         waiting = st.empty()  # the notice and its button go once the slow methods are done
         with waiting.container():
-            st.info("⏳ " + ", ".join(METHODS[n].label for n in slow) + ": these run a model over the images again, "
-                    "minutes on a CPU the first time (then cached on disk).")
+            st.info(", ".join(METHODS[n].label for n in slow) + ": these run a model over the images again, "
+                    "minutes on a CPU the first time (then cached on disk). The table below leaves them out until then.",
+                    icon=":material/hourglass_top:")
             pressed = st.button(f"Run the {len(slow)} slow method{'s' * (len(slow) > 1)} too", key="compare_run_slow",
                                 type="primary")
         if pressed:
@@ -312,6 +317,11 @@ def main() -> None:
     st.subheader("Methods side by side")
     for detector, decision in report["theta_decisions"].items():
         st.caption(f"θ, {detector} norms: {decision['reason']}" + (f" **{decision['warning']}**" if decision["warning"] else ""))
+    if all(not m["tokens_per_image"] for m in report["methods"] if m["kind"] == "itae"):
+        st.info("No ITAE row attenuates anything here: the θ policy found no artifacts in this model's norms (the "
+                "reasons above), so every ITAE variant gives the original features. To see the variants differ, pick "
+                "a model with artifacts on the **Data & model** page, or set θ yourself (the θ slider of the **Norms & "
+                "θ** page) and choose *this session's θ* above.", icon=":material/info:")
     st.dataframe(results_table(report))
     protocol = reports.ALGORITHM_TEXT[comparison.algorithm]
     st.caption(f"{protocol}, K = {report['n_clusters']}, mean ± SE over the sets (ACC, NMI, ARI in %); tokens attenuated "
