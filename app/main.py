@@ -17,6 +17,7 @@ page = st.navigation(
         st.Page("views/attention.py", title="Attention maps", icon=":material/visibility:"),
         st.Page("views/embeddings.py", title="Embeddings", icon=":material/scatter_plot:"),
         st.Page("views/metrics.py", title="Metrics", icon=":material/leaderboard:"),
+        st.Page("views/compare.py", title="Compare methods", icon=":material/compare_arrows:"),
         st.Page("views/about.py", title="About the method", icon=":material/school:"),
     ]
 )

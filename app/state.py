@@ -42,6 +42,7 @@ __all__ = [
     "Selection",
     "clustering_device",
     "commit_selection",
+    "current_backbone",
     "current_dataset",
     "current_extraction",
     "current_selection",
@@ -169,6 +170,12 @@ def open_dataset(selection: Selection) -> ImageDataset:
             raise DataSourceError("the uploaded files are gone (a new browser session?); upload them again")
         return uploads[selection.upload_id]
     return _open_source(selection.source, selection.root, selection.path, selection.labels_csv, selection.split, selection.download)
+
+
+def current_backbone() -> Backbone:
+    """The model of the current selection, shared and loaded once; raises BackboneError with advice."""
+    selection = current_selection()
+    return get_backbone(selection.model, selection.weights, selection.device, selection.planted)
 
 
 def subset_of(selection: Selection) -> ImageDataset:

@@ -32,6 +32,7 @@ QUICK = {
     "end_to_end": ["--limit", "100", "--model", "dinov2_vits14", "--sets", "2", "--runs", "5"],
     "memory": ["--images", "300", "500"],
     "dashboard": ["--images", "100", "--repeats", "2"],
+    "methods": ["--batch", "8", "--repeats", "3"],
 }
 
 
@@ -64,6 +65,9 @@ def summary(name: str, r: dict) -> list[str]:
     if name == "dashboard":
         return [f"{r['images']} images, ratio to first extraction: "
                 + ", ".join(f"{s.strip()} {v:.3f}" for s, v in r["ratios"].items() if s != "first extraction")]
+    if name == "methods":
+        return [f"{r['model']} ({r['weights']}) b{r['batch']} {r['precision']}, x plain time per image: "
+                + ", ".join(f"{m} {row['ratio_to_plain']:.2f}" for m, row in r["inference"].items() if m != "plain")]
     return []
 
 

@@ -7,9 +7,13 @@ before it has imported torch.
 from __future__ import annotations
 
 __all__ = [
+    "ALGORITHMS",
+    "ATTENUATIONS",
     "BACKENDS",
+    "DETECTORS",
     "LOWER_IS_BETTER",
     "METRICS",
+    "ROWS",
     "RULES",
     "SPLITS",
     "SUPERVISED_METRICS",
@@ -25,6 +29,23 @@ RULES = ("minority", "below", "above")
 THETA_WORDS = ("auto", "paper", "none")
 """What can be asked for θ besides a number (:func:`itae.theta.decide_theta`): the policy's choice (the default
 everywhere), the paper's θ for the model, or no attenuation."""
+
+DETECTORS = ("query", "key", "value", "output")
+"""Which per-token norm finds the artifacts (:func:`itae.engine.detector_norms`): Eq. 4 on the final block's
+queries (the paper), keys or values, or the norm of the final block's output tokens in the residual stream (the
+high-norm criterion of Darcet et al. 2024)."""
+
+ATTENUATIONS = ("min", "remove", "mean", "scale")
+"""What an artifact's pre-softmax logit becomes (:func:`itae.engine.attenuate_logits`): the row minimum (Eq. 5-6,
+the paper), minus infinity (removed from the softmax), the row mean, or the logit plus ``log(factor)`` (its
+attention weight scaled by ``factor`` before the softmax renormalises)."""
+
+ROWS = ("cls", "all")
+"""Which logit rows are attenuated: the CLS row (Eq. 6, the paper) or every row (Eq. 5)."""
+
+ALGORITHMS = ("kmeans", "spectral", "agglomerative", "gmm", "hdbscan")
+"""Clustering algorithms for the same features (the paper's Sec. 3.4; :mod:`itae.clustering`): the paper's
+K-Means protocol, spectral clustering, agglomerative (Ward), a Gaussian mixture, HDBSCAN."""
 
 BACKENDS = ("auto", "sklearn", "torch")
 """K-Means implementations (:func:`itae.evaluate.kmeans`): scikit-learn, the batched torch one, or the

@@ -1,4 +1,4 @@
-"""The ``itae`` command: extract features, evaluate, sweep and suggest θ, k-NN, and the dashboard.
+"""The ``itae`` command: extract features, evaluate, compare methods, sweep and suggest θ, k-NN, and the dashboard.
 
 This module parses the command line; the subcommands that compute live in :mod:`itae.commands`, which is
 imported only once such a command was parsed: torch, timm and scikit-learn take seconds to import, and
@@ -15,9 +15,10 @@ import sys
 from pathlib import Path
 
 from itae import __version__, reports
-from itae.choices import BACKENDS, METRICS, RULES, SPLITS, THETA_WORDS
+from itae.choices import ALGORITHMS, BACKENDS, METRICS, RULES, SPLITS, THETA_WORDS
 from itae.data.sources import SOURCES
 from itae.errors import USER_ERRORS, BackboneError
+from itae.methods import DEFAULT_METHODS, METHODS, Method, parse_method
 from itae.registry import REGISTRY, get_spec
 from itae.resources import bundled
 from itae.settings import CACHE_DIR_VARIABLE, DEFAULT_MODEL
@@ -111,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     command = add("eval", "K-Means clustering, original vs ITAE (the paper's Tables 1 and 2)",
                   [data, _model_options(several=True), theta, protocol])
     command.add_argument("--json", type=Path, metavar="FILE", help="also write the results as JSON")
+
+    command = add("compare", "ITAE, its variants, test-time and trained registers side by side, same seeds",
+                  [data, _model_options(), theta, protocol])
+    command.add_argument("--methods", type=_methods, default=None, metavar="M,M,...",
+                         help=f"comma-separated methods (default {','.join(DEFAULT_METHODS)}); known: "
+                         f"{', '.join(METHODS)}; or an ITAE variant written out, e.g. "
+                         "itae:detector=value,attenuation=scale,factor=0.5,rows=all,blocks=2. "
+                         "--theta applies to the query-norm detector; the other detectors take the automatic θ of their own "
+                         "norms (none with --theta none)")
+    command.add_argument("--json", type=Path, metavar="FILE", help="also write the comparison as JSON")
+    command.add_argument("--csv", type=Path, metavar="FILE", help="also write the table as CSV, one row per method")
 
     command = add("sweep", "a clustering metric over a θ grid (the paper's Fig. 5)",
                   [data, _model_options(), _protocol_options(sets=5, runs=10)])
@@ -218,7 +230,31 @@ def _protocol_options(sets: int = 20, runs: int = 25) -> argparse.ArgumentParser
     group.add_argument("--kmeans-device", metavar="DEV",
                        help="where K-Means runs: cpu, cuda, cuda:1 (default: the backbone's device where the "
                        "backend can run there, else cpu; scikit-learn and an MPS backbone mean cpu)")
+    group.add_argument("--algorithm", choices=ALGORITHMS, default="kmeans",
+                       help="clustering algorithm on the same features; kmeans is the paper's protocol, "
+                       "agglomerative and hdbscan are deterministic and run one set (default %(default)s)")
     return parent
+
+
+def _methods(text: str) -> list[Method]:
+    try:
+        methods = [parse_method(name) for name in _split_methods(text)]
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if not methods:
+        raise argparse.ArgumentTypeError("name at least one method")
+    return methods
+
+
+def _split_methods(text: str) -> list[str]:
+    """Split at the commas between methods, not at those inside an ``itae:a=b,c=d`` variant."""
+    names: list[str] = []
+    for part in filter(None, (part.strip() for part in text.split(","))):
+        if names and names[-1].startswith("itae:") and "=" in part and ":" not in part:
+            names[-1] += "," + part
+        else:
+            names.append(part)
+    return names
 
 
 def _model_name(text: str) -> str:

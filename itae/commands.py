@@ -1,4 +1,4 @@
-"""The ``itae`` subcommands that compute: extract, eval, sweep, suggest-theta, knn and prepare-demo.
+"""The ``itae`` subcommands that compute: extract, eval, compare, sweep, suggest-theta, knn and prepare-demo.
 
 One function per subcommand (``cmd_extract``, ``cmd_eval``, ...) reads the arguments :mod:`itae.cli` parsed.
 Results go to stdout; progress bars and warnings go to stderr. :mod:`itae.cli` imports this module only
@@ -14,6 +14,7 @@ be refused (a θ request, a device, a metric without labels) is refused before a
 """
 from __future__ import annotations
 
+import csv
 import json
 import sys
 from pathlib import Path
@@ -26,16 +27,21 @@ from itae import reports
 from itae.backbones import Backbone, load_backbone
 from itae.checkpoints import demo_weights_file
 from itae.choices import SUPERVISED_METRICS, UNSUPERVISED_METRICS
+from itae.clustering import clustering_protocol
+from itae.compare import compare
 from itae.data import SOURCES, ImageDataset, balanced_subset, open_source
 from itae.devices import kmeans_device, resolve_device
 from itae.errors import ItaeError
-from itae.evaluate import cluster_protocol, knn_classify, stratified_split
+from itae.evaluate import knn_classify, stratified_split
 from itae.extract import Extraction, ExtractionInfo, extract_cached
+from itae.methods import DEFAULT_METHODS, METHODS
 from itae.registry import REGISTRY, get_spec
 from itae.settings import DEFAULT_MODEL, cache_dir, default_weights
 from itae.theta import ArtifactEvidence, ThetaDecision, decide_theta, parse_theta_range, resolve_theta_request, theta_sweep
 
-__all__ = ["run", "cmd_eval", "cmd_extract", "cmd_knn", "cmd_prepare_demo", "cmd_suggest_theta", "cmd_sweep"]
+__all__ = [
+    "run", "cmd_compare", "cmd_eval", "cmd_extract", "cmd_knn", "cmd_prepare_demo", "cmd_suggest_theta", "cmd_sweep",
+]
 
 
 def run(name: str, args) -> int:
@@ -149,11 +155,12 @@ def _check_clusterable(dataset: ImageDataset, clusters: int | None) -> int:
 
 def _protocol(features: np.ndarray, labels: np.ndarray | None, n_clusters: int, args, device: torch.device,
               description: str | None = None) -> dict:
-    """The K-Means protocol (it L2-normalises) on ``features`` (N, C), on ``device``: ``ProtocolResult.to_dict()``."""
+    """The clustering protocol of ``--algorithm`` (it L2-normalises) on ``features`` (N, C), K-Means on ``device``:
+    ``ClusteringResult.to_dict()``."""
     with _Progress(description or "", "set") as progress:
-        result = cluster_protocol(
-            features, labels=labels, n_clusters=n_clusters, sets=args.sets, runs=args.runs,
-            seed=args.seed, backend=args.backend, device=device,
+        result = clustering_protocol(
+            features, labels=labels, n_clusters=n_clusters, algorithm=args.algorithm, sets=args.sets,
+            runs=args.runs, seed=args.seed, backend=args.backend, device=device,
             progress=progress if description else None,
         )
     return result.to_dict()
@@ -251,6 +258,7 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, k: i
         "theta_origin": decision.origin,
         "theta_decision": decision.to_dict(),
         "rule": args.rule,
+        "algorithm": args.algorithm,
         "sets": args.sets,
         "runs": args.runs,
         "seed": args.seed,
@@ -261,6 +269,41 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, k: i
         "itae": _metrics(itae),
         "planted_detection": extraction.detection_scores(result.artifact_mask).to_dict() if planted else None,
     }
+
+
+def cmd_compare(args) -> int:
+    """``itae compare``: methods side by side on one model and one dataset, with the same protocol seeds."""
+    methods = args.methods or [METHODS[name] for name in DEFAULT_METHODS]
+    resolve_theta_request(args.theta, get_spec(args.model).default_theta)
+    backbone_device, kmeans_on = _devices(args)
+    dataset = _open_data(args)
+    k = _check_clusterable(dataset, args.clusters)
+    backbone = _load_backbone(args.model, args.weights, backbone_device, args.planted)
+    extraction = _extract(backbone, dataset, args)
+    comparison = compare(
+        backbone, dataset, extraction, methods, cache_dir(args.cache_dir), theta=args.theta, rule=args.rule,
+        algorithm=args.algorithm, sets=args.sets, runs=args.runs, seed=args.seed, n_clusters=k,
+        backend=args.backend, device=kmeans_on, batch_size=args.batch_size,
+        progress=lambda done, total, message: _status(f"[{done}/{total}] {message}"),
+    )
+    for decision in comparison.thetas.values():
+        if decision.warning is not None:
+            _warn(decision.warning)
+    report = comparison.to_dict()
+    print()
+    print(reports.compare_report(report))
+    if args.json is not None:
+        _write_json(args.json, report)
+        print(f"\nWrote {args.json}")
+    if args.csv is not None:
+        rows = reports.compare_rows(report)
+        args.csv.parent.mkdir(parents=True, exist_ok=True)
+        with open(args.csv, "w", newline="", encoding="utf-8") as file:
+            writer = csv.DictWriter(file, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+        print(f"Wrote {args.csv}")
+    return 0
 
 
 def cmd_sweep(args) -> int:
@@ -393,6 +436,7 @@ def cmd_prepare_demo(args) -> int:
 COMMANDS = {
     "extract": cmd_extract,
     "eval": cmd_eval,
+    "compare": cmd_compare,
     "sweep": cmd_sweep,
     "suggest-theta": cmd_suggest_theta,
     "knn": cmd_knn,

@@ -2,7 +2,10 @@
 
 One pass over the data runs the backbone once. What the final block's CLS output depends on is kept
 (:class:`FinalBlockCache`), so features at a new θ or rule are recomputed by :meth:`Extraction.itae`
-with the same engine functions as a full forward pass, without touching the backbone.
+with the same engine functions as a full forward pass, without touching the backbone. Beside it, every
+token's norm under each detector (:data:`itae.choices.DETECTORS`: query, key and value norms, Eq. 4, and
+the final block's output norm) is kept, so every final-block variant of the engine is served by the same
+cache: the key norms need the keys, which the cache does not keep, and the output norms the block's output.
 """
 from __future__ import annotations
 
@@ -14,15 +17,15 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from itae import engine
 from itae.backbones import Backbone
-from itae.choices import RULES
+from itae.choices import DETECTORS, RULES
 from itae.data import ImageDataset, SkippedImage
 from itae.data.dataset import describe
 from itae.errors import StaleCacheError, UnreadableImage
@@ -35,13 +38,15 @@ __all__ = [
     "ExtractionInfo",
     "FinalBlockCache",
     "ItaeResult",
+    "autocast",
     "cache_key",
     "extract",
     "extract_cached",
+    "preprocessed_batches",
     "resolve_precision",
 ]
 
-FORMAT_VERSION = 2  # 2: the precision is part of the cache key
+FORMAT_VERSION = 3  # 2: the precision is part of the cache key; 3: key, value and final-block output norms
 PRECISIONS = ("auto", "bf16", "fp32")
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
@@ -167,6 +172,9 @@ class Extraction:
     features_original : ndarray of shape (N, C), the unmodified final-norm CLS output
     query_norms : ndarray of shape (N, T), Eq. 4, CLS in column 0
     output_norms : ndarray of shape (N, T), L2 norms of the model's final (normed) output tokens
+    key_norms, value_norms : ndarrays of shape (N, T), Eq. 4 on the final block's keys and values
+    block_output_norms : ndarray of shape (N, T), L2 norms of the final block's output tokens in the
+        residual stream, before the final norm (the ``"output"`` detector, Darcet et al.)
     attention_original : ndarray of shape (N, H, T), the original softmax CLS row per head
     labels : ndarray of int64, shape (N,), or None
     names : list of N str
@@ -181,6 +189,9 @@ class Extraction:
     features_original: np.ndarray
     query_norms: np.ndarray
     output_norms: np.ndarray
+    key_norms: np.ndarray
+    value_norms: np.ndarray
+    block_output_norms: np.ndarray
     attention_original: np.ndarray
     labels: np.ndarray | None
     names: list[str]
@@ -210,13 +221,24 @@ class Extraction:
             raise StaleCacheError(f"this extraction was made with {self.info.model} / {self.info.weights}, not {backbone.label}")
         self._backbone = backbone
 
-    def artifact_mask(self, theta: float, rule: str = "minority") -> np.ndarray:
-        """Eq. 2-3 on the cached query norms: bool (N, T)."""
-        return engine.split_artifacts(torch.from_numpy(self.query_norms), float(theta), rule).numpy()
+    def detector_norms(self, detector: str = "query") -> np.ndarray:
+        """The norms ``detector`` splits at θ (:func:`itae.engine.detector_norms`): float32 (N, T), CLS in column 0."""
+        if detector not in DETECTORS:
+            raise ValueError(f"detector must be one of {DETECTORS}, got {detector!r}")
+        return {"query": self.query_norms, "key": self.key_norms, "value": self.value_norms,
+                "output": self.block_output_norms}[detector]
+
+    def artifact_mask(self, theta: float, rule: str = "minority", detector: str = "query") -> np.ndarray:
+        """Eq. 2-3 on the cached norms of ``detector`` (query norms: the paper): bool (N, T)."""
+        return engine.split_artifacts(torch.from_numpy(self.detector_norms(detector)), float(theta), rule).numpy()
 
     @torch.inference_mode()
-    def itae(self, theta: float | None, rule: str = "minority", batch_size: int = 256) -> ItaeResult:
+    def itae(self, theta: float | None, rule: str = "minority", batch_size: int = 256, *, detector: str = "query",
+             attenuation: engine.Attenuation = engine.PAPER_ATTENUATION) -> ItaeResult:
         """Features and attention at ``theta`` and ``rule`` from the cache, without the backbone (Eq. 2-6).
+
+        ``detector`` and ``attenuation`` choose a final-block variant (:mod:`itae.engine`); the defaults are
+        the paper's. Eq. 5 (every row) gives the same CLS output as Eq. 6 in the final block.
 
         The final block runs at the extraction's precision (bf16 autocast where the backbone ran under
         it), so the result is the full forward pass at that precision. Images without artifacts, and all
@@ -227,25 +249,25 @@ class Extraction:
         if theta is None:
             no_artifacts = np.zeros(self.query_norms.shape, dtype=bool)
             return ItaeResult(None, rule, self.features_original, self.attention_original, no_artifacts)
+        mask = self.artifact_mask(theta, rule, detector)
         if self.cache is None:
             raise RuntimeError("this extraction was saved without its final-block cache: extract again for a new θ")
         if self._backbone is None:
             raise RuntimeError("a loaded Extraction needs .attach(backbone) before .itae(): the final block lives there")
         backbone = self._backbone
         block, norm, device = backbone.model.blocks[-1], backbone.model.norm, backbone.device
-        features, attention, masks = [], [], []
-        with _autocast(device, self.info.precision):
+        features, attention = [], []
+        with autocast(device, self.info.precision):
             for start in range(0, len(self), batch_size):
                 rows = slice(start, start + batch_size)
                 state = self.cache.state(rows, self.query_norms, device)
-                mask = engine.split_artifacts(state.query_norms, float(theta), rule)
-                feats, attn = engine.cls_output(block, norm, state, mask)
+                rows_mask = torch.from_numpy(mask[rows]).to(device)
+                feats, attn = engine.cls_output(block, norm, state, rows_mask, attenuation)
                 original_feats = torch.from_numpy(self.features_original[rows]).to(device)
                 original_attn = torch.from_numpy(self.attention_original[rows]).to(device)
-                features.append(engine.keep_unattenuated(feats.float(), original_feats, mask).cpu().numpy())
-                attention.append(engine.keep_unattenuated(attn.float(), original_attn, mask).cpu().numpy())
-                masks.append(mask.cpu().numpy())
-        return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), np.concatenate(masks))
+                features.append(engine.keep_unattenuated(feats.float(), original_feats, rows_mask).cpu().numpy())
+                attention.append(engine.keep_unattenuated(attn.float(), original_attn, rows_mask).cpu().numpy())
+        return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), mask)
 
     def save(self, path: str | Path, itae: ItaeResult | None = None, include_cache: bool = True) -> Path:
         """Write everything to one ``.npz``, optionally with the ITAE features at one θ (``features_itae``).
@@ -259,6 +281,9 @@ class Extraction:
             "features_original": self.features_original,
             "query_norms": self.query_norms,
             "output_norms": self.output_norms,
+            "key_norms": self.key_norms,
+            "value_norms": self.value_norms,
+            "block_output_norms": self.block_output_norms,
             "attention_original": self.attention_original,
             "indices": self.indices,
             "names": np.array(self.names, dtype=str),
@@ -307,6 +332,9 @@ class Extraction:
             features_original=arrays["features_original"],
             query_norms=arrays["query_norms"],
             output_norms=arrays["output_norms"],
+            key_norms=arrays["key_norms"],
+            value_norms=arrays["value_norms"],
+            block_output_norms=arrays["block_output_norms"],
             attention_original=arrays["attention_original"],
             labels=arrays.get("labels"),
             names=arrays["names"].tolist(),
@@ -382,7 +410,33 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _autocast(device: torch.device, precision: str):
+def preprocessed_batches(
+    backbone: Backbone, dataset: ImageDataset, indices, batch_size: int = 32, num_workers: int = 0
+) -> Iterator[tuple[slice, torch.Tensor]]:
+    """The images ``dataset[indices]``, preprocessed, in batches on the backbone's device.
+
+    For a second pass over the images an extraction already decoded (its ``indices``): one that fails to
+    decode now raises :class:`UnreadableImage` instead of being skipped.
+
+    Yields
+    ------
+    rows : slice of positions in ``indices``
+    images : Tensor of shape (B, 3, H, W)
+    """
+    device = backbone.device
+    subset = Subset(_Preprocessed(dataset, backbone.preprocess), [int(i) for i in indices])
+    loader = DataLoader(subset, batch_size=batch_size, num_workers=num_workers, collate_fn=_collate,
+                        pin_memory=device.type == "cuda")
+    start = 0
+    for batch_indices, images, bad in loader:
+        if bad:
+            index, reason = bad[0]
+            raise UnreadableImage(dataset.names[index], reason)
+        yield slice(start, start + len(batch_indices)), images.to(device, non_blocking=True)
+        start += len(batch_indices)
+
+
+def autocast(device: torch.device, precision: str):
     """The autocast of ``precision`` on ``device``: the extraction and every re-evaluation run under it."""
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -437,8 +491,8 @@ def extract(
     spill = Path(spill_dir) if spill_dir else None
     out = {
         "features": np.empty((n, C), np.float32),
-        "query_norms": np.empty((n, T), np.float32),
         "output_norms": np.empty((n, T), np.float32),
+        **{("norms", detector): np.empty((n, T), np.float32) for detector in DETECTORS},
         "attention": np.empty((n, H, T), np.float32),
         "cls_input": np.empty((n, C), np.float32),
         "cls_logits": np.empty((n, H, T), np.float32),
@@ -455,7 +509,7 @@ def extract(
         skipped += [SkippedImage(dataset.names[i], reason) for i, reason in bad]
         done += len(batch_indices) + len(bad)
         if images is not None:
-            with _autocast(device, precision):
+            with autocast(device, precision):
                 x = engine.final_block_input(model, images.to(device, non_blocking=True))
                 planted = fired_tokens(model)
                 tokens, state = engine.final_block_forward(block, x)
@@ -465,7 +519,8 @@ def extract(
             out["values"][rows] = (values.view(torch.int16) if bf16 else values.float()).cpu().numpy()
             out["features"][rows] = output[:, 0].float().cpu().numpy()
             out["output_norms"][rows] = output.float().norm(dim=-1).cpu().numpy()
-            out["query_norms"][rows] = state.query_norms.cpu().numpy()
+            for detector in DETECTORS:
+                out["norms", detector][rows] = engine.detector_norms(detector, state, tokens).cpu().numpy()
             out["attention"][rows] = state.cls_logits.float().softmax(dim=-1).cpu().numpy()
             out["cls_input"][rows] = state.cls_input.float().cpu().numpy()
             out["cls_logits"][rows] = state.cls_logits.float().cpu().numpy()
@@ -502,8 +557,11 @@ def extract(
     extraction = Extraction(
         info=info,
         features_original=out["features"][keep],
-        query_norms=out["query_norms"][keep],
+        query_norms=out["norms", "query"][keep],
         output_norms=out["output_norms"][keep],
+        key_norms=out["norms", "key"][keep],
+        value_norms=out["norms", "value"][keep],
+        block_output_norms=out["norms", "output"][keep],
         attention_original=out["attention"][keep],
         labels=labels,
         names=[dataset.names[i] for i in indices[keep]],

@@ -203,15 +203,17 @@ def lateral_inhibition(response: torch.Tensor, num_prefix_tokens: int, grid_size
 
     Returns
     -------
-    Tensor of bool, shape (B, T); CLS and registers never fire.
+    Tensor of bool, shape (B, T); CLS, registers and tokens appended after the patch grid (test-time
+    registers, :mod:`itae.registers`) never fire.
     """
-    B = response.shape[0]
-    patches = response[:, num_prefix_tokens:].float().reshape(B, 1, *grid_size)
+    B, T = response.shape
+    n_patches = grid_size[0] * grid_size[1]
+    patches = response[:, num_prefix_tokens : num_prefix_tokens + n_patches].float().reshape(B, 1, *grid_size)
     local_max = patches >= F.max_pool2d(patches, 3, stride=1, padding=1)
     score = torch.where((patches > 0) & local_max, patches, -torch.inf).flatten(1)
     top = score.topk(min(per_image, score.shape[1]), dim=1)
     fired = torch.zeros_like(score, dtype=torch.bool).scatter_(1, top.indices, torch.isfinite(top.values))
-    return F.pad(fired, (num_prefix_tokens, 0), value=False)
+    return F.pad(fired, (num_prefix_tokens, T - num_prefix_tokens - n_patches), value=False)
 
 
 def planting_of(model: nn.Module) -> Planting | None:
@@ -318,7 +320,7 @@ def _direction(block: nn.Module, cls_queries: torch.Tensor, log_partition: torch
         standardised = (raw - raw.mean()) / raw.std(unbiased=False)
         q, k, _ = attn.qkv(norm.weight * standardised + norm.bias).reshape(3, attn.num_heads, attn.head_dim)
         q, k = attn.q_norm(q), attn.k_norm(k)
-        norm_q = engine.query_norms_from_queries(q[None, :, None])[0, 0]
+        norm_q = engine.qkv_norms(q[None, :, None])[0, 0]
         logit = (cls_queries * k).sum(-1) * attn.scale + math.log(per_image)  # B, H: all planted tokens at once
         share = torch.sigmoid(logit - log_partition).mean()
         return norm_q, share

@@ -17,7 +17,10 @@ if TYPE_CHECKING:
     from itae.theta import SweepResult, ThetaDecision
 
 __all__ = [
+    "ALGORITHM_TEXT",
     "ascii_histogram",
+    "compare_report",
+    "compare_rows",
     "eval_report",
     "extract_summary",
     "knn_report",
@@ -31,6 +34,10 @@ __all__ = [
     "theta_text",
     "verdict_report",
 ]
+
+ALGORITHM_TEXT = {"kmeans": "K-Means", "spectral": "spectral clustering", "agglomerative": "agglomerative (Ward)",
+                  "gmm": "Gaussian mixture", "hdbscan": "HDBSCAN"}
+"""How reports name the clustering algorithms (:data:`itae.choices.ALGORITHMS`)."""
 
 
 def table(rows: list[list[str]], right: set[int] = frozenset()) -> str:
@@ -135,10 +142,10 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
                          _delta(original["mean"], itae["mean"], scale)])
             label = theta = ""
     header = [
-        f"Zero-shot K-Means clustering, original vs ITAE (rule {rule})",
+        f"Zero-shot {ALGORITHM_TEXT[first['algorithm']]} clustering, original vs ITAE (rule {rule})",
         f"data:   {first['data']}",
         f"images: {first['n_images']:,} used ({first['n_skipped']} skipped); K = {first['n_clusters']}; "
-        f"{sets} sets × {runs} K-Means runs (seed {seed})",
+        f"{_protocol_text(first['algorithm'], sets, runs, seed)}",
     ]
     percents = " (ACC, NMI, ARI in %)" if "acc" in first["original"] else ""
     footer = [f"mean ± SE over the {sets} sets{percents}; SE = std / √{sets}; --json also gives the std."]
@@ -149,6 +156,107 @@ def eval_report(reports: list[dict], rule: str, sets: int, runs: int, seed: int)
             footer.append(f"{report['label']}: the tokens ITAE attenuated at θ = {theta_text(report['theta'])}, "
                           f"{detection_text(report['planted_detection'])}.")
     return "\n".join([*header, "", table(rows, right={3, 4, 5}), "", *footer])
+
+
+def _protocol_text(algorithm: str, sets: int, runs: int, seed: int) -> str:
+    if algorithm in ("agglomerative", "hdbscan"):
+        return f"{ALGORITHM_TEXT[algorithm]}, deterministic: one run"
+    return f"{sets} sets × {runs} {ALGORITHM_TEXT[algorithm]} runs (seed {seed})"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def compare_report(report: dict) -> str:
+    """The table of ``itae compare``, from ``Comparison.to_dict()``: one row per method, then notes,
+    detection against planted artifacts and the detectors' agreement."""
+    methods = report["methods"]
+    metrics = next((list(m["clustering"]) for m in methods if m["clustering"]), [])
+    names = [name for name in SUPERVISED_METRICS if name in metrics] or ["inertia", "silhouette"]
+    rows = [["method", "θ", "tokens/img", *[name.upper() if name in SUPERVISED_METRICS else name for name in names],
+             "extra ms/img"]]
+    notes = []
+    for method in methods:
+        clustering = method["clustering"]
+        cells = []
+        for name in names:
+            summary = clustering.get(name) if clustering else None
+            scale = _scale(name)
+            cells.append("n/a" if summary is None else f"{scale(summary['mean'])} ± {scale(summary['se'])}")
+        tokens = method["tokens_per_image"]
+        seconds = method["seconds_per_image"]
+        rows.append([method["label"], "—" if method["theta"] is None else f"{method['theta']:.3g}",
+                     "—" if tokens is None else f"{tokens:.2f}", *cells,
+                     "—" if seconds is None else f"{1000 * seconds:.2f}"])
+        said = [text for text in (method["note"], method["same_as"] and f"same features as {method['same_as']}") if text]
+        if said or not method["available"]:
+            notes.append(f"  {method['label']}: {'; '.join(said) or 'not available'}")
+    lines = [
+        f"Methods side by side: {report['label']} [weights {report['weights']}] on {report['data']}",
+        f"{report['n_images']:,} images; K = {report['n_clusters']}; "
+        f"{_protocol_text(report['algorithm'], report['sets'], report['runs'], report['seed'])}, "
+        "the same seeds for every method",
+        *_theta_lines(report["theta_decisions"]),
+        "",
+        table(rows, right=set(range(1, len(rows[0])))),
+        "",
+        f"mean ± SE over the sets{' (ACC, NMI, ARI in %)' if names[0] == 'acc' else ''}; tokens/img: attenuated "
+        "per image; extra ms/img: compute beyond the shared extraction (cached re-runs: as measured then).",
+        *(["notes:", *notes] if notes else []),
+    ]
+    detected = [m for m in methods if m["detection"] is not None]
+    if detected:
+        planted = detected[0]["detection"]["planted"]
+        rows = [["method", "detector", "θ", "precision", "recall", "Jaccard", "detected"]]
+        for method in detected:
+            scores = method["detection"]
+            rows.append([method["label"], method["variant"]["detector"],
+                         "—" if method["theta"] is None else f"{method['theta']:.3g}",
+                         _number(scores["precision"]), _number(scores["recall"]), _number(scores["jaccard"]),
+                         f"{scores['detected']:,}"])
+        lines += ["", f"Detection against the {planted:,} planted artifact tokens (pooled over all images):", "",
+                  table(rows, right={2, 3, 4, 5, 6})]
+    agreement = report["detector_agreement"]
+    if agreement is not None:
+        rows = [["", *agreement["names"]]]
+        rows += [[name, *(_number(value) for value in row)] for name, row in zip(agreement["names"], agreement["jaccard"])]
+        lines += ["", "Detector agreement: Jaccard of the artifact sets, all tokens pooled (n/a: both empty)", "",
+                  table(rows, right=set(range(1, len(rows[0]))))]
+    return "\n".join(lines)
+
+
+def _theta_lines(decisions: dict) -> list[str]:
+    """θ of each detector (one policy, :func:`itae.theta.decide_theta`): its reason, and its warning if any."""
+    lines = ["θ, decided by one policy for every detector:"] if decisions else []
+    for detector, decision in decisions.items():
+        lines.append(f"  {detector} norms: {decision['reason']}")
+        if decision["warning"]:
+            lines.append(f"    warning: {decision['warning']}")
+    return lines
+
+
+def compare_rows(report: dict) -> list[dict]:
+    """``itae compare --csv``: one flat row per method, from ``Comparison.to_dict()``."""
+    rows = []
+    for method in report["methods"]:
+        variant = method["variant"] or {}
+        clustering = method["clustering"] or {}
+        detection = method["detection"] or {}
+        row = {
+            "method": method["method"], "label": method["label"], "kind": method["kind"],
+            **{name: variant.get(name) for name in ("detector", "attenuation", "factor", "rows", "blocks")},
+            "theta": method["theta"], "theta_origin": method["theta_origin"],
+            "tokens_per_image": method["tokens_per_image"], "seconds_per_image": method["seconds_per_image"],
+            "algorithm": report["algorithm"], "sets": clustering.get("sets"),
+        }
+        for name in (*SUPERVISED_METRICS, "inertia", "silhouette"):
+            for statistic in ("mean", "std", "se"):
+                row[f"{name}_{statistic}"] = (clustering.get(name) or {}).get(statistic)
+        row.update({f"detection_{name}": detection.get(name) for name in ("precision", "recall", "jaccard")})
+        row.update(same_as=method["same_as"], note=method["note"])
+        rows.append(row)
+    return rows
 
 
 def sweep_report(result: SweepResult, metric: str) -> str:

@@ -645,8 +645,13 @@ def resolve_theta_request(requested, paper_theta: float | None = None) -> tuple[
     raise ValueError(f"θ must be a finite number or one of {THETA_WORDS}, got {requested!r}")
 
 
-def examine_norms(norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], seed: int = 0) -> ArtifactEvidence:
+def examine_norms(
+    norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], seed: int = 0, norms_name: str = "query norms"
+) -> ArtifactEvidence:
     """Judge whether the query norms show artifacts, by the rule stated in :func:`decide_theta`.
+
+    Other per-token norms (the key, value or output norms of :func:`itae.engine.detector_norms`) are judged
+    by the same rule; ``norms_name`` names them in the reason.
 
     Parameters
     ----------
@@ -658,6 +663,8 @@ def examine_norms(norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], 
         Rows and columns of the patch grid.
     seed : int, default 0
         Seeds the sub-sampling and the mixture fits of :func:`suggest_theta`.
+    norms_name : str, default "query norms"
+        What the norms are, for the reason ("the query norms have no second mode").
 
     Returns
     -------
@@ -674,7 +681,7 @@ def examine_norms(norms, *, num_prefix_tokens: int, grid_size: tuple[int, int], 
     bimodality = suggest_theta(candidates, seed=seed)
     modes = _separating_modes(candidates, bimodality, seed)
     if not modes:
-        failure = f"the query norms have no second mode ({'; '.join(bimodality.failures)})"
+        failure = f"the {norms_name} have no second mode ({'; '.join(bimodality.failures)})"
         return ArtifactEvidence(
             verdict=NO_ARTIFACTS, reason=_no_artifacts_reason(failure, n_images), theta=None, side=None,
             n_images=n_images, n_tokens=n_tokens, n_candidates=0, pooled_fraction=None, image_fractions=None,

@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import huggingface_hub
 import numpy as np
 import pandas as pd
 import pytest
@@ -20,6 +21,7 @@ import itae.extract
 from itae import __version__, cli, commands, reports
 from itae.data import SOURCES, balanced_subset, open_source
 from itae.evaluate import cluster_protocol, knn_classify, stratified_split
+from itae.methods import DEFAULT_METHODS
 from itae.registry import REGISTRY
 
 SMALL = ["--model", "dinov2_vits14", "--weights", "random", "--data", "demo", "--limit", "20", "--device", "cpu"]
@@ -366,7 +368,7 @@ def test_help_and_argument_errors_do_not_import_torch():
     probe = (
         "import sys; from itae.cli import main\n"
         "for argv in (['--help'], ['eval', '--help'], ['eval', '--rule', 'sideways'], ['eval', '--model', 'resnet50'],"
-        " ['models'], ['sources']):\n"
+        " ['models'], ['sources'], ['compare', '--help'], ['compare', '--methods', 'itae:detector=attention']):\n"
         "    main(argv)\n"
         "heavy = sorted(m for m in ('torch', 'timm', 'torchvision', 'sklearn') if m in sys.modules)\n"
         "print('heavy modules:', heavy)\n"
@@ -427,3 +429,83 @@ def test_suggest_theta_on_the_planted_model_scores_each_marked_theta(capsys, cac
     assert status == 0 and "verdict: artifacts" in out
     auto = next(line for line in out.splitlines() if line.startswith("Artifacts:"))
     assert "precision 1.000, recall 1.000" in auto
+
+
+
+def test_compare_planted_prints_the_table_the_detection_and_the_agreement(capsys, tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as offline as this machine, quickly
+    json_file, csv_file = tmp_path / "compare.json", tmp_path / "compare.csv"
+    status, out, _ = run(capsys, "compare", *PLANTED, *QUICK, "--cache-dir", cache_dir, "--json", json_file,
+                         "--csv", csv_file)
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert [method["method"] for method in report["methods"]] == list(DEFAULT_METHODS)
+    methods = {method["method"]: method for method in report["methods"]}
+    itae_row = methods["itae"]
+    assert itae_row["detection"]["precision"] >= 0.95 and itae_row["detection"]["recall"] >= 0.95
+    detection_table = out[out.index("Detection against the"):]
+    table_line = next(line for line in detection_table.splitlines() if line.startswith(itae_row["label"]))
+    scores = itae_row["detection"]
+    cells = table_line[len(itae_row["label"]):].split()
+    assert cells[:2] == ["query", f"{itae_row['theta']:.3g}"]
+    assert cells[2:5] == [f"{scores[name]:.3f}" for name in ("precision", "recall", "jaccard")]
+    assert "Detection against the" in out and "Detector agreement" in out and "planted" in out
+    # θ comes from the one policy, for every detector, and its reason is printed.
+    assert set(report["theta_decisions"]) == {"query", "key", "output"}
+    assert itae_row["theta"] == report["theta_decisions"]["query"]["value"] and itae_row["theta_origin"] == "auto"
+    for detector, decision in report["theta_decisions"].items():
+        assert f"{detector} norms: {decision['reason']}" in out
+    # Test-time registers found the planted register neuron and moved it: other features than the original's.
+    assert report["register_neurons"]["units"] == [[7, 1536]]
+    assert methods["test-time-registers"]["available"] and methods["test-time-registers"]["same_as"] is None
+    assert methods["itae-eq5"]["same_as"] == "itae"
+    assert not methods["trained-registers"]["available"] and "could not be loaded" in methods["trained-registers"]["note"]
+    rows = pd.read_csv(csv_file)
+    assert list(rows["method"]) == list(DEFAULT_METHODS)
+    assert rows.loc[rows["method"] == "itae", "detection_precision"].item() == itae_row["detection"]["precision"]
+
+
+def test_compare_methods_and_algorithms_from_the_command_line(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "compare.json"
+    status, out, _ = run(capsys, "compare", *SMALL, *QUICK, "--cache-dir", cache_dir, "--algorithm", "agglomerative",
+                         "--methods", "original,itae:attenuation=mean,rows=all,blocks=2,value-norm", "--json", json_file)
+    assert status == 0
+    report = json.loads(json_file.read_text())
+    assert report["algorithm"] == "agglomerative" and report["methods"][0]["clustering"]["sets"] == 1
+    assert [m["method"] for m in report["methods"]] == ["original", "itae:attenuation=mean,rows=all,blocks=2",
+                                                        "value-norm"]
+    assert "agglomerative (Ward), deterministic: one run" in out
+    status, _, err = run(capsys, "compare", *SMALL, "--methods", "itae:detector=attention")
+    assert status == 2 and "detector must be one of" in err
+
+
+def test_eval_runs_another_algorithm_on_the_same_features(capsys, tmp_path, cache_dir):
+    json_file = tmp_path / "eval.json"
+    status, out, _ = run(capsys, "eval", *SMALL, *QUICK, "--cache-dir", cache_dir, "--algorithm", "gmm",
+                         "--json", json_file)
+    assert status == 0 and "Zero-shot Gaussian mixture clustering" in out
+    report = json.loads(json_file.read_text())
+    assert report["algorithm"] == "gmm" and report["original"]["acc"]["mean"] is not None
+
+
+def test_compare_report_puts_each_score_in_its_column():
+    summary = {"mean": 0.5, "std": 0.1, "se": 0.05}
+    method = {"method": "key-norm", "label": "key-norm detector", "kind": "itae", "available": True,
+              "variant": {"detector": "key", "attenuation": "min", "factor": 0.1, "rows": "cls", "blocks": 1},
+              "theta": 6.5, "theta_origin": "auto", "tokens_per_image": 5.25, "seconds_per_image": 0.002,
+              "clustering": {"acc": summary, "nmi": summary, "ari": summary, "inertia": summary, "sets": 2},
+              "detection": {"precision": 0.9, "recall": 0.8, "jaccard": 0.7, "detected": 40, "planted": 45, "both": 36},
+              "same_as": None, "note": ""}
+    report = {"label": "m", "weights": "demo", "data": "d", "n_images": 9, "n_clusters": 3, "algorithm": "kmeans",
+              "sets": 2, "runs": 3, "seed": 0, "methods": [method],
+              "theta_decisions": {"key": {"reason": "Artifacts: the reason.", "warning": "A warning."}},
+              "detector_agreement": {"names": ["key", "planted"], "jaccard": [[1.0, 0.7], [0.7, 1.0]]}}
+    text = reports.compare_report(report)
+    assert "  key norms: Artifacts: the reason.\n    warning: A warning." in text
+    main_row = next(line for line in text.splitlines() if line.startswith("key-norm detector") and "±" in line)
+    assert main_row.split()[2:] == ["6.5", "5.25", "50.00", "±", "5.00", "50.00", "±", "5.00", "50.00", "±", "5.00", "2.00"]
+    detection_table = text[text.index("Detection against the 45"):text.index("Detector agreement")]
+    detection_row = detection_table.strip().splitlines()[-1]
+    assert detection_row.split()[2:] == ["key", "6.5", "0.900", "0.800", "0.700", "40"]
+    row = reports.compare_rows(report)[0]
+    assert (row["detection_precision"], row["detection_recall"], row["acc_se"], row["blocks"]) == (0.9, 0.8, 0.05, 1)

@@ -6,13 +6,19 @@ import timm
 import torch
 
 from itae import cls_features, query_norms
+from itae.choices import DETECTORS, ROWS
 from itae.engine import (
+    PAPER_ATTENUATION,
+    Attenuation,
     attenuate_logits,
+    block_input,
+    block_tokens,
     cls_output,
+    detector_norms,
+    final_block_forward,
     final_block_input,
     final_block_qkv,
     final_block_state,
-    final_block_tokens,
     split_artifacts,
 )
 
@@ -130,7 +136,7 @@ def test_no_artifact_reproduces_the_unmodified_model_bit_for_bit(registers, fuse
         x = final_block_input(model, batch)
         no_artifact = torch.zeros(x.shape[:2], dtype=torch.bool)
         for rows in ("cls", "all"):
-            assert torch.equal(final_block_tokens(model.blocks[-1], x, no_artifact, rows), model.blocks[-1](x))
+            assert torch.equal(block_tokens(model.blocks[-1], x, no_artifact, rows), model.blocks[-1](x))
 
 
 def test_only_the_images_with_artifacts_change():
@@ -218,17 +224,17 @@ def test_all_rows_variant_matches_an_explicit_eq5(fused):
     with torch.no_grad():
         block.attn.qkv.weight.mul_(4)  # peaky attention, so that attenuation visibly moves every row
         x = final_block_input(model, batch)
-        torch.testing.assert_close(final_block_tokens(block, x), block(x), atol=1e-5, rtol=0)
+        torch.testing.assert_close(block_tokens(block, x), block(x), atol=1e-5, rtol=0)
         norms = query_norms(model, batch)
         mask = split_artifacts(norms, float(norms[:, 1:].median()), "minority")
         assert mask.any(dim=1).all()
         q, k, _ = final_block_qkv(block, x)
         # The case a minimum over the whole row gets wrong: rows whose CLS column is their smallest logit.
         assert cls_column_gap((q * block.attn.scale) @ k.transpose(-2, -1)).max() > 0.1
-        all_rows = final_block_tokens(block, x, mask, rows="all")
+        all_rows = block_tokens(block, x, mask, rows="all")
         torch.testing.assert_close(all_rows, explicit_all_rows(block, x, mask), atol=1e-5, rtol=1e-5)
         # Row 0 is the same under Eq. 5 and Eq. 6; the other rows change only under Eq. 5.
-        cls_only = final_block_tokens(block, x, mask, rows="cls")
+        cls_only = block_tokens(block, x, mask, rows="cls")
         torch.testing.assert_close(all_rows[:, 0], cls_only[:, 0], atol=1e-5, rtol=0)
         torch.testing.assert_close(cls_only[:, 1:], block(x)[:, 1:], atol=1e-5, rtol=0)
         theta = float(norms[:, 1:].median())
@@ -285,3 +291,162 @@ def test_boundary_validation():
         query_norms(torch.nn.Linear(2, 2), images())
     with pytest.raises(ValueError, match="eval mode"):
         cls_features(model.train(), images(), 1.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The variants: detectors, attenuations, rows and blocks, against explicit step-by-step computations
+
+
+def explicit_qkv(block, x):
+    C = block.attn.num_heads * block.attn.head_dim
+    qkv = block.norm1(x) @ block.attn.qkv.weight.T + block.attn.qkv.bias
+    return qkv[..., :C], qkv[..., C : 2 * C], qkv[..., 2 * C :]
+
+
+def explicit_block(block, x, artifacts, rows, attenuation):
+    """Every token of one block, one image, head and row at a time; ``artifacts[b]`` lists image b's artifact columns.
+
+    ``rows`` says which rows are attenuated ("cls": row 0 only, Eq. 6; "all": every row, Eq. 5).
+    """
+    heads, d = block.attn.num_heads, block.attn.head_dim
+    q, k, v = explicit_qkv(block, x)
+    B, T, _ = x.shape
+    out = torch.empty_like(x)
+    for b in range(B):
+        for i in range(T):
+            head_outputs = []
+            for h in range(heads):
+                sl = slice(h * d, (h + 1) * d)
+                original = torch.stack([(q[b, i, sl] * d**-0.5) @ k[b, j, sl] for j in range(T)])
+                logits = original.clone()
+                if i == 0 or rows == "all":
+                    for j in artifacts[b]:
+                        if attenuation.kind == "min":
+                            logits[j] = original[1:].min()
+                        elif attenuation.kind == "mean":
+                            logits[j] = original[1:].mean()
+                        elif attenuation.kind == "remove":
+                            logits[j] = -math.inf
+                        else:
+                            logits[j] = original[j] + math.log(attenuation.factor)
+                weights = torch.softmax(logits, dim=0)
+                head_outputs.append(sum(weights[j] * v[b, j, sl] for j in range(T)))
+            attended = torch.cat(head_outputs) @ block.attn.proj.weight.T + block.attn.proj.bias
+            token = x[b, i] + block.ls1(attended)
+            out[b, i] = token + block.ls2(block.mlp(block.norm2(token)))
+    return out
+
+
+def explicit_norms(model, x, detector):
+    """The norm each detector splits, token by token: Eq. 4 on q, k or v, or the final block's output norm."""
+    block = model.blocks[-1]
+    d = block.attn.head_dim
+    q, k, v = explicit_qkv(block, x)
+    if detector == "output":
+        tokens = explicit_block(block, x, [[] for _ in range(len(x))], "cls", PAPER_ATTENUATION)
+        return torch.stack([torch.stack([tokens[b, i].square().sum().sqrt() for i in range(x.shape[1])])
+                            for b in range(len(x))])
+    patches = {"query": q, "key": k, "value": v}[detector]
+    B, T, C = patches.shape
+    return torch.tensor([[math.sqrt(sum(float(patches[b, i, c] / math.sqrt(d)) ** 2 for c in range(C)))
+                          for i in range(T)] for b in range(B)])
+
+
+def explicit_variant(model, batch, theta, rule, detector, attenuation, rows, blocks):
+    """The CLS feature of a variant: artifacts from the unmodified final block, attenuated in the last ``blocks``."""
+    depth = len(model.blocks)
+    norms = explicit_norms(model, final_block_input(model, batch), detector)
+    artifacts = []
+    for b in range(len(batch)):
+        low = [i for i in range(1, norms.shape[1]) if norms[b, i] <= theta]  # Eq. 2
+        high = [i for i in range(1, norms.shape[1]) if norms[b, i] > theta]
+        artifacts.append({"below": low, "above": high}.get(rule, low if len(low) <= len(high) else high))  # Eq. 3
+    x = block_input(model, batch, depth - blocks)
+    for block in model.blocks[depth - blocks :]:
+        x = explicit_block(block, x, artifacts, rows, attenuation)
+    return model.norm(x)[:, 0], norms
+
+
+ATTENUATION_KINDS = [Attenuation("min"), Attenuation("remove"), Attenuation("mean"), Attenuation("scale", 0.25)]
+
+
+@pytest.mark.parametrize("registers", [0, 2])
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_detector_norms_match_the_explicit_norms(registers, detector):
+    model, batch = tiny_vit(registers), images(2)
+    with torch.no_grad():
+        x = final_block_input(model, batch)
+        tokens, state = final_block_forward(model.blocks[-1], x)
+        torch.testing.assert_close(detector_norms(detector, state, tokens), explicit_norms(model, x, detector),
+                                   atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("detector,attenuation,rows,blocks", [
+    *[("query", attenuation, "cls", 1) for attenuation in ATTENUATION_KINDS],
+    *[(detector, Attenuation("min"), "cls", 1) for detector in ("key", "value", "output")],
+    ("query", Attenuation("min"), "all", 1),
+    ("query", Attenuation("min"), "cls", 2),
+    ("query", Attenuation("min"), "all", 2),
+    ("key", Attenuation("mean"), "all", 3),
+    ("output", Attenuation("remove"), "cls", 2),
+])
+def test_every_variant_matches_the_explicit_computation(detector, attenuation, rows, blocks):
+    model, batch = tiny_vit(registers=2), images()
+    with torch.no_grad():
+        model.blocks[-1].attn.qkv.weight.mul_(3)  # peaky attention: every attenuation moves the features
+        norms = explicit_norms(model, final_block_input(model, batch), detector)
+        for quantile in (0.2, 0.6):
+            theta = float(norms[:, 1:].quantile(quantile))
+            reference, _ = explicit_variant(model, batch, theta, "minority", detector, attenuation, rows, blocks)
+            features = cls_features(model, batch, theta, "minority", detector=detector, attenuation=attenuation,
+                                    rows=rows, blocks=blocks)
+            torch.testing.assert_close(features, reference, atol=1e-4, rtol=1e-4)
+        assert (features - cls_features(model, batch)).abs().max() > 1e-3, "the variant changed nothing"
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("detector", DETECTORS)
+@pytest.mark.parametrize("rows,blocks", [("cls", 1), ("all", 1), ("cls", 2), ("all", 3)])
+def test_every_variant_selecting_nothing_reproduces_the_unmodified_model(fused, detector, rows, blocks):
+    model, batch = tiny_vit(registers=2), images()
+    set_fused(model, fused)
+    plain = model.forward_features(batch)[:, 0]
+    results = [cls_features(model, batch, -1.0, "below", detector=detector, attenuation=attenuation, rows=rows,
+                            blocks=blocks) for attenuation in ATTENUATION_KINDS]
+    for features in results:
+        assert torch.equal(features, plain), "an image with nothing attenuated keeps its features bit for bit"
+
+
+@pytest.mark.parametrize("attenuation", ATTENUATION_KINDS)
+def test_attenuations_on_one_row(attenuation):
+    logits = torch.tensor([[[[-9.0, 3.0, 1.0, 2.0]]]])  # the CLS column counts in no row statistic
+    mask = torch.tensor([[False, True, False, False]])
+    expected = {"min": 1.0, "mean": 2.0, "remove": -math.inf, "scale": 3.0 + math.log(0.25)}[attenuation.kind]
+    torch.testing.assert_close(attenuate_logits(logits, mask, attenuation), torch.tensor([[[[-9.0, expected, 1.0, 2.0]]]]))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_an_empty_mask_leaves_every_block_bit_for_bit_unmodified(fused):
+    model, batch = tiny_vit(registers=2), images()
+    set_fused(model, fused)
+    block = model.blocks[-1]
+    with torch.no_grad():
+        x = final_block_input(model, batch)
+        empty = torch.zeros(x.shape[:2], dtype=torch.bool)
+        for rows in ROWS:
+            for attenuation in ATTENUATION_KINDS:
+                assert torch.equal(block_tokens(block, x, empty, rows, attenuation), block(x))
+
+
+def test_variant_validation():
+    model = tiny_vit()
+    with pytest.raises(ValueError, match="attenuation kind"):
+        Attenuation("median")
+    with pytest.raises(ValueError, match="factor > 0"):
+        Attenuation("scale", 0.0)
+    with pytest.raises(ValueError, match="detector must be one of"):
+        cls_features(model, images(), 1.0, detector="attention")
+    with pytest.raises(ValueError, match="blocks must be an integer from 1"):
+        cls_features(model, images(), 1.0, blocks=4)
+    with pytest.raises(ValueError, match="rows must be one of"):
+        cls_features(model, images(), 1.0, rows="some")

@@ -7,12 +7,14 @@ import timm
 import torch
 from PIL import Image
 
-from itae import cls_features, extract as extract_module, query_norms
+from itae import cls_features, engine, extract as extract_module, query_norms
+from itae.choices import DETECTORS
 from itae.backbones import Backbone, make_preprocess
 from itae.errors import StaleCacheError, UnreadableImage
 from itae.extract import Extraction, extract, extract_cached
 from itae.registry import BackboneSpec
 
+ATTENUATIONS = [engine.Attenuation(kind) for kind in ("min", "remove", "mean")] + [engine.Attenuation("scale", 0.3)]
 SPEC = BackboneSpec("tiny", "vit_tiny_test", "tiny test ViT", num_registers=2, default_theta=None, img_size=28)
 
 
@@ -267,3 +269,44 @@ def test_a_cache_written_at_bf16_is_never_read_at_fp32_and_the_reverse(tmp_path,
     loaded = Extraction.load(tmp_path / "features" / f"{bf16.info.key}.npz", backbone, dataset.fingerprint)
     theta = float(np.median(bf16.query_norms[:, 1:]))
     assert np.array_equal(loaded.itae(theta).features, bf16.itae(theta).features)
+
+
+@pytest.mark.parametrize("detector", DETECTORS)
+def test_the_cache_serves_every_final_block_variant_without_the_backbone(monkeypatch, detector):
+    backbone, dataset = tiny_backbone(), ListDataset(6)
+    extraction = extract(backbone, dataset, batch_size=4)
+    x = batch_of(backbone, dataset, range(6))
+    model = backbone.model
+    with torch.no_grad():
+        tokens, state = engine.final_block_forward(model.blocks[-1], engine.final_block_input(model, x))
+        torch.testing.assert_close(torch.from_numpy(extraction.detector_norms(detector)),
+                                   engine.detector_norms(detector, state, tokens), atol=1e-5, rtol=0)
+        expected = {theta: [cls_features(model, x, theta, "minority", detector=detector, attenuation=attenuation,
+                                         rows=rows) for attenuation in ATTENUATIONS for rows in ("cls", "all")]
+                    for theta in np.quantile(extraction.detector_norms(detector)[:, 1:], [0.15, 0.85])}
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the backbone ran")
+
+    monkeypatch.setattr(model.blocks[0], "forward", forbidden)
+    monkeypatch.setattr(model.patch_embed, "forward", forbidden)
+    for theta, features in expected.items():
+        for attenuation, full in zip(ATTENUATIONS, features[::2]):
+            cached = extraction.itae(theta, "minority", detector=detector, attenuation=attenuation)
+            torch.testing.assert_close(torch.from_numpy(cached.features), full, atol=1e-5, rtol=0)
+            assert np.array_equal(cached.artifact_mask, extraction.artifact_mask(theta, "minority", detector))
+        for eq6, eq5 in zip(features[::2], features[1::2]):  # only row 0 reaches the CLS output of the final block
+            torch.testing.assert_close(eq5, eq6, atol=1e-5, rtol=0)
+    nothing = [extraction.itae(-1.0, "below", detector=detector, attenuation=attenuation).features
+               for attenuation in ATTENUATIONS]
+    for features in nothing:  # an image with nothing attenuated keeps its features bit for bit
+        np.testing.assert_array_equal(features, extraction.features_original)
+
+
+def test_detector_norms_survive_save_and_load(tmp_path):
+    extraction = extract(tiny_backbone(), ListDataset(3))
+    loaded = Extraction.load(extraction.save(tmp_path / "x.npz", include_cache=False))
+    for detector in DETECTORS:
+        np.testing.assert_array_equal(loaded.detector_norms(detector), extraction.detector_norms(detector))
+    with pytest.raises(ValueError, match="detector must be one of"):
+        loaded.detector_norms("attention")
