@@ -15,6 +15,7 @@ PAGES = {
     "Attention maps": "original CLS attention",
     "Embeddings": "Original features",
     "Metrics": "Clustering",
+    "Compare methods": "Cluster movers",
     "About the method": "tokens the CLS token attends to most",
 }
 """Text each page shows once its script has finished."""

@@ -4,7 +4,6 @@ The page must show the library's comparison (``itae.compare.compare`` run here o
 protocol), start the methods that run a model again only from their button, and label and score the planted
 teaching model.
 """
-import functools
 
 import huggingface_hub
 import numpy as np
@@ -34,6 +33,7 @@ def environment(cache):
         patch.setenv("ITAE_APP_WEIGHTS", "demo")
         patch.setenv("ITAE_APP_LIMIT", str(LIMIT))
         patch.setenv("ITAE_CACHE_DIR", str(cache))
+        patch.setenv("ITAE_APP_PLANTED", "0")  # the model as loaded, unless a test's link plants artifacts
         patch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # as offline as this machine, quickly
         yield
 
@@ -105,9 +105,9 @@ def test_the_table_is_the_librarys_and_the_slow_methods_wait_for_their_button(ca
     assert model_runs == [], "nothing that runs a model again may start without the button"
 
 
-def test_the_button_runs_the_slow_methods_with_a_progress_bar(cache, model_runs, planted_models):
+def test_the_button_runs_the_slow_methods_with_a_progress_bar(cache, model_runs):
     # The planted model has artifacts to attenuate: ITAE in the last 2 blocks makes one more pass over the images.
-    at = apply(compare_page(seed="5"), ["itae", "itae-last2", "trained-registers"])
+    at = apply(compare_page(seed="5", planted="1"), ["itae", "itae-last2", "trained-registers"])
     assert model_runs == []
     at = press(at, "Run the 2 slow methods too")
     assert_clean(at, "after the slow methods")
@@ -136,18 +136,8 @@ def test_movers_are_the_librarys(cache):
     assert f"**{expected.movers('key-norm', 0).n_moved} of {LIMIT} images** change cluster" in texts(at)
 
 
-@pytest.fixture
-def planted_models(monkeypatch):
-    """The app's model loader plants artifacts (the teaching model), for this test only."""
-    state = app_module("state")
-    monkeypatch.setattr(state, "load_backbone", functools.partial(load_backbone, planted=True))
-    state.get_backbone.clear()
-    yield
-    state.get_backbone.clear()
-
-
-def test_the_planted_model_is_labelled_and_its_detection_scored(cache, planted_models):
-    at = apply(compare_page(seed="5"))
+def test_the_planted_model_is_labelled_and_its_detection_scored(cache):
+    at = apply(compare_page(seed="5", planted="1"))
     assert PLANTED_SUFFIX.strip() in texts(at), "synthetic artifacts are said so"
     assert "Detection against the planted artifacts" in texts(at)
     expected = library_comparison(cache, QUICK, planted=True, seed=5)

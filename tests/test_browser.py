@@ -73,7 +73,7 @@ def test_every_page_and_a_theta_change(server, browser):
     assert_clean(page, "Norms & θ")
     screenshot(page, "2_norms")
 
-    for number, title in enumerate(["Attention maps", "Embeddings", "Metrics", "About the method"], start=3):
+    for number, title in enumerate(["Attention maps", "Embeddings", "Metrics", "Compare methods", "About the method"], start=3):
         open_page(page, title)
         assert sidebar_theta(page) == theta_after, f"{title}: θ must survive the page change"
         assert badge.first.is_visible(), f"{title}: the badge is on every page"
@@ -86,6 +86,9 @@ def test_every_page_and_a_theta_change(server, browser):
             settle(page, "Sweep table")
             assert_clean(page, "the θ sweep")
             screenshot(page, "5_metrics_sweep")
+        if title == "Compare methods":
+            body = page.inner_text("body")
+            assert "Detection against the planted artifacts" in body and "change cluster with" in body, "table, detection, movers"
         if title == "Embeddings":
             lasso_everything(page, page.get_by_test_id("stPlotlyChart").first)
             settle(page, "image(s) selected")

@@ -70,7 +70,7 @@ def test_a_link_and_a_reload_restore_the_model_theta_and_rule(server, browser):
     shared.goto(page.url)
     settle(shared, PAGES["Norms & θ"])
     assert thetas_shown(shared) == {theta} and "rule above" in sidebar_text(shared), "a shared link opens the same place"
-    assert "the link's θ" in shared.inner_text("body")
+    assert f"θ = {float(theta):g} as given" in shared.inner_text("body"), "the page says where θ came from"
     shared.context.close()
     context.close()
 
