@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from playwright.sync_api import expect
 
 from browser_pages import LIMIT, PAGES, assert_clean, run_after, screenshot, settle
 from streamlit_server import Dashboard, running_dashboard
@@ -49,8 +50,24 @@ def server_with_roots(dashboard_env, folders, tmp_path_factory):
 
 
 def choose_source(page, name: str) -> None:
-    page.get_by_test_id("stSelectbox").filter(has_text="Source").click()
-    run_after(page, page.get_by_role("option").filter(has_text=name).click)
+    """Pick ``name`` in the Source box and wait for the run it starts.
+
+    A click on an option can land while the list is still opening and select nothing (no run follows):
+    the box is then opened again, until it shows the choice.
+    """
+    box = page.get_by_test_id("stSelectbox").filter(has_text="Source")
+    for _ in range(3):
+        box.click()
+        option = page.get_by_role("option").filter(has_text=name)
+        option.wait_for()
+        option.click()
+        try:
+            expect(box).to_contain_text(name, timeout=10_000)
+            break
+        except AssertionError:
+            continue
+    expect(box).to_contain_text(name, timeout=1)
+    settle(page, name)
 
 
 def metric(page, label: str) -> str:
