@@ -30,7 +30,7 @@ from itae.backbones import PLANTED_SUFFIX, Backbone, load_backbone
 from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
 from itae.devices import kmeans_device, resolve_device
 from itae.errors import USER_ERRORS, DataSourceError
-from itae.extract import Extraction, ItaeResult, extract_cached
+from itae.extract import Extraction, ItaeResult, extract_cached, precision_path
 from itae.registry import REGISTRY
 
 __all__ = [
@@ -274,6 +274,13 @@ def commit_selection(selection: Selection) -> Extraction | None:
         return None
     st.session_state.selection = selection
     return extraction
+
+
+def precision_line(extraction: Extraction) -> str:
+    """The path the current extraction ran (bf16 autocast or float32) and why, as the command line prints it."""
+    selection = current_selection()
+    device = get_backbone(selection.model, selection.weights, selection.device).device
+    return precision_path(extraction.info.precision, device)
 
 
 def current_extraction() -> Extraction | None:
