@@ -10,7 +10,8 @@ images, embedded) with timm's random weights of the real sizes (speed does not d
 - ``extract auto``: ``itae.extract.extract`` at ``precision="auto"``, decoding, preprocessing and the copies
   of the final-block cache included (``auto`` resolves as printed);
 - ``extract fp32``: the same forced to float32;
-- ``extract auto, 1 worker``: ``num_workers=1`` (decoding in a second process).
+- ``extract auto, 1 worker``: ``num_workers=1`` (decoding in a second process);
+- ``extract auto, 1 thread``: ``torch.set_num_threads(1)`` around the call (only when torch has more).
 
 A ratio is the reference's time / the variant's time (> 1: faster), the median over rounds. Targets for
 ``extract auto`` (issue 14): >= 3x on a CPU with AMX, >= 1.5x with AVX512-BF16 alone, >= 1x elsewhere.
@@ -62,6 +63,16 @@ def variants(backbone, dataset, compile_: bool) -> tuple[dict, dict]:
         "extract fp32": lambda: extract(backbone, dataset, batch_size=len(dataset), precision="fp32"),
         "extract auto, 1 worker": lambda: extract(backbone, dataset, batch_size=len(dataset), num_workers=1),
     }
+    threads = torch.get_num_threads()
+    if threads > 1:
+        def one_thread():
+            torch.set_num_threads(1)
+            try:
+                return extract(backbone, dataset, batch_size=len(dataset))
+            finally:
+                torch.set_num_threads(threads)
+
+        found["extract auto, 1 thread"] = one_thread
     notes = {}
     if compile_:
         compiled = torch.compile(model.forward_features)

@@ -199,7 +199,8 @@ def cmd_extract(args) -> int:
     decision = _decide(extraction.query_norms, extraction.info, args.theta, args.rule)
     result = extraction.itae(decision.value, args.rule)
     path = extraction.save(args.out, itae=result, include_cache=args.with_cache)
-    print(reports.extract_summary(extraction, str(backbone.device), decision.reason, path))
+    where = f"{backbone.device}, {precision_path(extraction.info.precision, backbone.device)}"
+    print(reports.extract_summary(extraction, where, decision.reason, path))
     return 0
 
 
@@ -252,6 +253,7 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, k: i
         "model": model,
         "label": extraction.info.label,
         "weights": extraction.info.weights,
+        "precision": extraction.info.precision,
         "data": extraction.info.data,
         "n_images": len(extraction),
         "n_skipped": len(extraction.skipped),

@@ -463,12 +463,14 @@ def preprocessed_batches(
 
 
 def precision_path(precision: str, device: torch.device) -> str:
-    """One line naming the path an extraction at the resolved ``precision`` takes on ``device``, and why."""
+    """A few words naming the path an extraction at the resolved ``precision`` takes on ``device``, and why."""
     if device.type != "cpu":
         return f"{'bf16 autocast' if precision == 'bf16' else 'float32'} on {device.type}"
-    flags = devices.native_bf16_flags()
-    native = f"native bf16 ({', '.join(flags)})" if flags else "no native bf16 (emulated: slower than float32)"
-    return f"{'bf16 autocast' if precision == 'bf16' else 'float32'} on the CPU, which has {native}"
+    flags = ", ".join(devices.native_bf16_flags())
+    if precision == "bf16":
+        return f"bf16 autocast, native on this CPU ({flags})" if flags else \
+            "bf16 autocast, emulated on this CPU (no AMX, AVX512-BF16 or Arm BF16): slower than float32"
+    return f"float32 (this CPU also computes bf16 natively: {flags})" if flags else "float32 (no native bf16 on this CPU)"
 
 
 def autocast(device: torch.device, precision: str):

@@ -386,9 +386,11 @@ def test_auto_is_bf16_where_the_hardware_computes_it(monkeypatch, device, flags,
 def test_the_precision_path_names_the_cpu_flags(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setattr(devices, "native_bf16_flags", lambda: ("avx512_bf16",))
-    assert precision_path("bf16", cpu) == "bf16 autocast on the CPU, which has native bf16 (avx512_bf16)"
+    assert precision_path("bf16", cpu) == "bf16 autocast, native on this CPU (avx512_bf16)"
+    assert precision_path("fp32", cpu) == "float32 (this CPU also computes bf16 natively: avx512_bf16)"
     monkeypatch.setattr(devices, "native_bf16_flags", lambda: ())
-    assert "no native bf16" in precision_path("fp32", cpu)
+    assert precision_path("fp32", cpu) == "float32 (no native bf16 on this CPU)"
+    assert "emulated" in precision_path("bf16", cpu)
 
 
 def test_auto_on_a_native_bf16_cpu_extracts_at_bf16_and_reevaluates_exactly(monkeypatch):
