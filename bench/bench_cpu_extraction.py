@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import os
 import statistics
 import time
 
@@ -118,7 +119,7 @@ def main(argv=None) -> dict:
             }
             results.append({"model": name, "batch": batch, "variants": rows, **notes})
             print(f"\n{name} (random weights), batch {batch}, {args.repeats} interleaved rounds; load average now "
-                  f"{', '.join(f'{v:.1f}' for v in __import__('os').getloadavg())}")
+                  f"{', '.join(f'{v:.1f}' for v in os.getloadavg())}")
             print(f"  {'variant':<30}{'img/s':>8}{'ratio to timm fp32':>20}{'rounds min..max':>18}")
             for variant, row in rows.items():
                 low, high = row["ratio_range"]

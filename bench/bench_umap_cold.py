@@ -21,6 +21,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 import _common
 
@@ -66,7 +67,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--threads", type=int)
-    parser.add_argument("--json", type=__import__("pathlib").Path)
+    parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
     print(_common.machine())
     runs: dict[str, list[dict]] = {"before": [], "after, first ever": [], "after": []}
