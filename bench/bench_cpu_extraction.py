@@ -97,6 +97,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--compile", action="store_true", help="also torch.compile (inductor; minutes on 2 cores)")
     args = parser.parse_args(argv)
+    if args.device != "cpu":
+        parser.error("this figure is the CPU's: --device cpu (figure 1, bench_extraction.py, covers CUDA)")
     _common.limit_threads(args.threads)
     cpu = torch.device("cpu")
     print(_common.machine())
