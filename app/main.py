@@ -10,6 +10,7 @@ import state
 
 st.set_page_config(page_title="ITAE Lab", page_icon=":material/search:", layout="wide")
 place.restore()
+state.umap_warm_up()  # numba compiles UMAP in the background while the first page is used
 page = st.navigation(
     [
         st.Page("views/data_model.py", title="Data & model", icon=":material/dataset:", default=True),

@@ -29,8 +29,9 @@ from itae import settings
 from itae.backbones import PLANTED_SUFFIX, Backbone, load_backbone
 from itae.data import ImageDataset, balanced_subset, open_source, open_uploads
 from itae.devices import kmeans_device, resolve_device
+from itae.embed import compile_umap
 from itae.errors import USER_ERRORS, DataSourceError
-from itae.extract import Extraction, ItaeResult, extract_cached
+from itae.extract import Extraction, ItaeResult, extract_cached, precision_path
 from itae.registry import REGISTRY
 
 __all__ = [
@@ -274,6 +275,24 @@ def commit_selection(selection: Selection) -> Extraction | None:
         return None
     st.session_state.selection = selection
     return extraction
+
+
+@st.cache_resource(show_spinner=False)
+def umap_warm_up() -> threading.Thread:
+    """Compile UMAP in the background, once per server, from the first page view on.
+
+    numba's compilation takes 30-40 s on 2 cores the first time and a few seconds once it is on disk
+    (:func:`itae.embed.import_umap`); meanwhile every page stays usable, and the Embeddings page waits for
+    it only if it is opened before the compilation ends.
+    """
+    thread = threading.Thread(target=compile_umap, name="itae-umap-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def precision_line(extraction: Extraction) -> str:
+    """The path the current extraction ran (bf16 autocast or float32) and why, as the command line prints it."""
+    return precision_path(extraction.info.precision, current_backbone().device)
 
 
 def current_extraction() -> Extraction | None:

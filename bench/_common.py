@@ -27,6 +27,7 @@ if str(ROOT) not in sys.path:
 
 from itae.devices import resolve_device  # noqa: E402
 from itae.errors import DeviceError  # noqa: E402
+from itae.extract import resolve_precision  # noqa: E402
 
 __all__ = [
     "ROOT",
@@ -88,7 +89,7 @@ def add_device_args(parser: argparse.ArgumentParser, precision: bool = True) -> 
     if precision:
         parser.add_argument(
             "--precision", choices=("auto", "fp32", "bf16"), default="auto",
-            help="auto: bf16 autocast on CUDA, fp32 on CPU",
+            help="auto: bf16 autocast on CUDA and on CPUs with native bf16, fp32 elsewhere",
         )
     parser.add_argument("--threads", type=int, help="CPU threads for torch, BLAS and OpenMP (default: all cores)")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
@@ -116,14 +117,12 @@ def informative_random(model: torch.nn.Module, layer_scale: float = 0.1) -> None
 
 
 def resolve(device: str, precision: str = "fp32") -> tuple[torch.device, str]:
-    """The torch device and the precision actually used ("auto" becomes bf16 on CUDA, fp32 elsewhere)."""
+    """The torch device and the precision actually used (``itae.extract.resolve_precision``'s "auto")."""
     try:
         device = resolve_device(device)
     except DeviceError as error:
         sys.exit(str(error))
-    if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return device, precision
+    return device, resolve_precision(precision, device)
 
 
 def autocast(device: torch.device, precision: str):

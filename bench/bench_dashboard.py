@@ -7,8 +7,9 @@ dashboard runs, in its order and with its calls:
 1. ``first extraction``: ``extract`` of the N images (the denominator of every ratio);
 2. ``θ change``: ``extraction.itae(theta)`` + ``cluster_protocol(l2_normalize(features), labels,
    sets=5, runs=10)`` (the Metrics page's fast defaults), median of ``--repeats`` changes of θ;
-3. ``UMAP compile``: the app's warm-up fit on 60 random points (numba compiles here, first call);
-4. ``first UMAP``: ``umap.UMAP(n_neighbors=15, min_dist=0.1, random_state=0)`` on the N features;
+3. ``UMAP compile``: the app's warm-up, ``itae.embed.compile_umap`` (numba compiles here, or reads its
+   compilation from the disk cache: see ``bench_umap_cold.py``);
+4. ``first UMAP``: ``itae.embed.umap_embedding`` (n_neighbors 15, min_dist 0.1, seed 0) on the N features;
 5. ``next UMAP``: the same on the ITAE features, compiled already.
 
 Default N = 300 on CPU (1,000 takes ~2 min to extract on 2 cores; ``--images 1000`` for the issue's N).
@@ -20,22 +21,15 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 
 import numpy as np
 
 import _common
 from itae.backbones import load_backbone
 from itae.data import balanced_subset, open_source
+from itae.embed import compile_umap, umap_embedding
 from itae.evaluate import cluster_protocol, l2_normalize
 from itae.extract import extract
-
-
-def umap_fit(points: np.ndarray, n_neighbors: int = 15) -> np.ndarray:
-    import umap
-
-    warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)  # a seed means one thread, as in the app
-    return umap.UMAP(n_neighbors=min(n_neighbors, len(points) - 1), min_dist=0.1, random_state=0).fit_transform(points)
 
 
 def main(argv=None) -> dict:
@@ -69,11 +63,9 @@ def main(argv=None) -> dict:
     steps["  of which itae(theta)"] = statistics.median(
         _common.timed(lambda t=t: extraction.itae(float(t)), device) for t in thetas
     )
-    steps["UMAP compile (app warm-up)"] = _common.timed(
-        lambda: umap_fit(np.random.default_rng(0).normal(size=(60, 8)), n_neighbors=5), device
-    )
-    steps["first UMAP"] = _common.timed(lambda: umap_fit(l2_normalize(extraction.features_original)), device)
-    steps["next UMAP"] = _common.timed(lambda: umap_fit(l2_normalize(extraction.itae(float(thetas[0])).features)), device)
+    steps["UMAP compile (app warm-up)"] = _common.timed(compile_umap, device)
+    steps["first UMAP"] = _common.timed(lambda: umap_embedding(extraction.features_original), device)
+    steps["next UMAP"] = _common.timed(lambda: umap_embedding(extraction.itae(float(thetas[0])).features), device)
 
     first = steps["first extraction"]
     print(f"\ndemo ViT-S/14 ({backbone.label}), {len(extraction):,} demo images, {extraction.info.precision}, batch {args.batch}")

@@ -9,9 +9,10 @@ Variants, each timed side by side with ``plain`` (``model.forward_features(x)``,
   norms, attention, the final-block cache).
 
 A ratio is plain time / variant time (> 1: the variant is faster). Targets: >= 0.95 on CPU
-(ViT-S/14, batch 16, fp32), >= 0.98 on a GPU (ViT-S/14 and ViT-B/14, bf16, batch >= 256).
+(ViT-S/14, batch 16, at the precision ``auto`` picks: bf16 on a CPU with native bf16), >= 0.98 on a GPU (ViT-S/14 and ViT-B/14, bf16, batch >= 256).
 
-    python bench/bench_extraction.py                                   # CPU, ViT-S/14, batch 16, fp32
+    python bench/bench_extraction.py                                   # CPU, ViT-S/14, batch 16, precision auto
+    python bench/bench_extraction.py --precision fp32                  # the float32 figure of earlier runs
     python bench/bench_extraction.py --device cuda --batch 256 --models dinov2_vits14 dinov2_vitb14
     python bench/bench_extraction.py --device cuda --batch 256 --compile   # opt-in torch.compile, a note only
 """

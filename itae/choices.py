@@ -13,6 +13,7 @@ __all__ = [
     "DETECTORS",
     "LOWER_IS_BETTER",
     "METRICS",
+    "PRECISIONS",
     "ROWS",
     "RULES",
     "SPLITS",
@@ -25,6 +26,10 @@ __all__ = [
 RULES = ("minority", "below", "above")
 """Which side of θ is attenuated (:func:`itae.engine.split_artifacts`): ``minority`` is the paper's Eq. 3
 (the smaller of L_a and L_b), ``below`` is L_a (the θ sweep of Sec. 5.2), ``above`` is L_b."""
+
+PRECISIONS = ("auto", "bf16", "fp32")
+"""What an extraction computes in (:func:`itae.extract.resolve_precision`): ``auto`` is bf16 autocast where the
+hardware computes bf16 natively (CUDA, CPUs with AMX or AVX512-BF16) and float32 elsewhere."""
 
 THETA_WORDS = ("auto", "paper", "none")
 """What can be asked for θ besides a number (:func:`itae.theta.decide_theta`): the policy's choice (the default

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from itae import __version__, reports
-from itae.choices import ALGORITHMS, BACKENDS, METRICS, RULES, SPLITS, THETA_WORDS
+from itae.choices import ALGORITHMS, BACKENDS, METRICS, PRECISIONS, RULES, SPLITS, THETA_WORDS
 from itae.data.sources import SOURCES
 from itae.errors import USER_ERRORS, BackboneError
 from itae.methods import DEFAULT_METHODS, METHODS, Method, parse_method
@@ -196,6 +196,9 @@ def _model_options(several: bool = False) -> argparse.ArgumentParser:
                        "every output says so) and score the detection against them")
     group.add_argument("--device", metavar="DEV",
                        help="where the backbone runs: cpu, cuda, cuda:1, mps (default: the best available)")
+    group.add_argument("--precision", choices=PRECISIONS, default="auto",
+                       help="auto: bf16 autocast on CUDA and on CPUs that compute bf16 natively (AMX, AVX512-BF16), "
+                       "float32 elsewhere; bf16 or fp32 force one (default %(default)s)")
     group.add_argument("--batch-size", type=_positive_int, default=32, metavar="N", help="(default %(default)s)")
     group.add_argument("--workers", type=_non_negative_int, default=0, metavar="N",
                        help="decoding processes (default 0)")

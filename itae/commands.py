@@ -33,7 +33,7 @@ from itae.data import SOURCES, ImageDataset, balanced_subset, open_source
 from itae.devices import kmeans_device, resolve_device
 from itae.errors import ItaeError
 from itae.evaluate import knn_classify, stratified_split
-from itae.extract import Extraction, ExtractionInfo, extract_cached
+from itae.extract import Extraction, ExtractionInfo, extract_cached, precision_path, resolve_precision
 from itae.methods import DEFAULT_METHODS, METHODS
 from itae.registry import REGISTRY, get_spec
 from itae.settings import DEFAULT_MODEL, cache_dir, default_weights
@@ -118,8 +118,9 @@ def _devices(args) -> tuple[torch.device, torch.device]:
 def _extract(backbone: Backbone, dataset: ImageDataset, args) -> Extraction:
     """Features of ``dataset``, from the cache when nothing relevant changed."""
     folder = cache_dir(args.cache_dir)
+    _status(f"precision: {precision_path(resolve_precision(args.precision, backbone.device), backbone.device)}")
     with _Progress(f"extracting ({backbone.spec.name})", "img") as progress:
-        extraction = extract_cached(backbone, dataset, folder, batch_size=args.batch_size,
+        extraction = extract_cached(backbone, dataset, folder, precision=args.precision, batch_size=args.batch_size,
                                     num_workers=args.workers, progress=progress)
     if progress.calls == 0:
         _status(f"features of {len(extraction):,} images read from the cache in {folder}")
@@ -198,7 +199,8 @@ def cmd_extract(args) -> int:
     decision = _decide(extraction.query_norms, extraction.info, args.theta, args.rule)
     result = extraction.itae(decision.value, args.rule)
     path = extraction.save(args.out, itae=result, include_cache=args.with_cache)
-    print(reports.extract_summary(extraction, str(backbone.device), decision.reason, path))
+    where = f"{backbone.device}, {precision_path(extraction.info.precision, backbone.device)}"
+    print(reports.extract_summary(extraction, where, decision.reason, path))
     return 0
 
 
@@ -251,6 +253,7 @@ def _evaluate_model(model: str, weights: str | None, dataset: ImageDataset, k: i
         "model": model,
         "label": extraction.info.label,
         "weights": extraction.info.weights,
+        "precision": extraction.info.precision,
         "data": extraction.info.data,
         "n_images": len(extraction),
         "n_skipped": len(extraction.skipped),

@@ -19,13 +19,19 @@ it is meant to show. One fit treats both feature sets alike.
 """
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 import numpy as np
 
+from itae import settings
 from itae.evaluate import l2_normalize
 
-__all__ = ["SharedEmbedding", "compile_umap", "shared_umap", "umap_embedding"]
+__all__ = ["NUMBA_FOLDER", "SharedEmbedding", "compile_umap", "import_umap", "shared_umap", "umap_embedding"]
+
+NUMBA_FOLDER = "numba"
+"""Where under the cache root (:func:`itae.settings.cache_dir`) numba keeps UMAP's compiled code."""
 
 
 def umap_embedding(features, n_neighbors: int = 15, min_dist: float = 0.1, seed: int = 0) -> np.ndarray:
@@ -42,7 +48,7 @@ def umap_embedding(features, n_neighbors: int = 15, min_dist: float = 0.1, seed:
     -------
     ndarray of shape (n_samples, 2)
     """
-    import umap  # its import alone takes seconds: only where an embedding is asked for
+    umap = import_umap()  # its import alone takes seconds: only where an embedding is asked for
 
     X = l2_normalize(features)
     if len(X) < 3:
@@ -116,3 +122,27 @@ def shared_umap(original, itae, n_neighbors: int = 15, min_dist: float = 0.1, se
 def compile_umap() -> None:
     """Fit UMAP once on a few points: numba compiles on the first call (about 30 s), later calls are fast."""
     umap_embedding(np.random.default_rng(0).normal(size=(60, 8)), n_neighbors=5)
+
+
+def import_umap() -> types.ModuleType:
+    """umap-learn, with numba's compilation of it kept on disk, so that only the first process ever waits.
+
+    umap-learn and pynndescent compile their numba functions on first use (30-40 s on 2 cores), and most of
+    them without ``cache=True``, so every new process paid it again. Here every numba function of the two
+    packages caches its compiled code, under ``<cache root>/numba`` unless ``NUMBA_CACHE_DIR`` says
+    otherwise; numba recompiles by itself when a package's source changes.
+    """
+    import numba
+    from numba.core.caching import NullCache
+    from numba.core.dispatcher import Dispatcher
+
+    if not numba.config.CACHE_DIR:  # set before umap is imported: pynndescent compiles at import
+        numba.config.CACHE_DIR = str(settings.cache_dir() / NUMBA_FOLDER)
+    import umap
+
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] in ("umap", "pynndescent") and isinstance(module, types.ModuleType):
+            for value in list(vars(module).values()):
+                if isinstance(value, Dispatcher) and isinstance(value._cache, NullCache):  # numba's cache=False
+                    value.enable_caching()
+    return umap

@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,13 +24,13 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from itae import engine
+from itae import devices, engine
 from itae.backbones import Backbone
-from itae.choices import DETECTORS, RULES
+from itae.choices import DETECTORS, PRECISIONS, RULES
 from itae.data import ImageDataset, SkippedImage
 from itae.data.dataset import describe
 from itae.errors import StaleCacheError, UnreadableImage
-from itae.fileio import atomic_path
+from itae.fileio import atomic_directory, atomic_path
 from itae.planted import DetectionScores, detection_scores, fired_tokens
 
 __all__ = [
@@ -42,12 +43,15 @@ __all__ = [
     "cache_key",
     "extract",
     "extract_cached",
+    "precision_path",
     "preprocessed_batches",
     "resolve_precision",
 ]
 
-FORMAT_VERSION = 3  # 2: the precision is part of the cache key; 3: key, value and final-block output norms
-PRECISIONS = ("auto", "bf16", "fp32")
+# 2: the precision is part of the cache key; 3: key, value and final-block output norms; 4: the cache is a
+# folder of .npy files
+FORMAT_VERSION = 4
+META_FILE = "meta.json"  # the ExtractionInfo and the file bookkeeping of a saved folder
 SPILL_BYTES = 2 * 1024**3  # final-block values beyond this go to a memory-mapped file
 
 
@@ -270,13 +274,14 @@ class Extraction:
         return ItaeResult(float(theta), rule, np.concatenate(features), np.concatenate(attention), mask)
 
     def save(self, path: str | Path, itae: ItaeResult | None = None, include_cache: bool = True) -> Path:
-        """Write everything to one ``.npz``, optionally with the ITAE features at one θ (``features_itae``).
+        """Write everything, optionally with the ITAE features at one θ (``features_itae``).
 
-        The final-block cache is most of the file (about 0.4 MB per ViT-S/14 image); without it the file
-        holds features, norms and attention only, and a loaded copy cannot recompute a new θ.
+        ``path`` ending in ``.npz`` gets one archive, to share (``np.load`` reads it, but only whole); any
+        other ``path`` becomes a folder of ``.npy`` files and ``meta.json``, which :meth:`load` memory-maps:
+        the feature cache's format. The final-block cache is most of the bytes (about 0.4 MB per ViT-S/14
+        image in float32); without it a loaded copy cannot recompute a new θ.
         """
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         arrays = {
             "features_original": self.features_original,
             "query_norms": self.query_norms,
@@ -304,9 +309,14 @@ class Extraction:
             arrays["labels"] = self.labels
         if self.planted_mask is not None:
             arrays["planted_mask"] = self.planted_mask
-        arrays["meta"] = np.array(json.dumps(meta))
-        with atomic_path(path) as temporary, open(temporary, "wb") as file:
-            np.savez(file, **arrays)
+        if path.suffix == ".npz":
+            with atomic_path(path) as temporary, open(temporary, "wb") as file:
+                np.savez(file, meta=np.array(json.dumps(meta)), **arrays)
+        else:
+            with atomic_directory(path) as folder:
+                for name, array in arrays.items():
+                    np.save(folder / f"{name}.npy", array, allow_pickle=False)
+                (folder / META_FILE).write_text(json.dumps(meta))
         return path
 
     @classmethod
@@ -316,14 +326,19 @@ class Extraction:
     ) -> "Extraction":
         """Read a saved extraction; with ``backbone`` and ``data_fingerprint`` refuse a stale one.
 
-        ``precision`` (``"bf16"`` or ``"fp32"``, see :func:`resolve_precision`) also refuses an extraction
-        made at the other precision; without it the file's own precision is accepted.
+        A folder (see :meth:`save`) is memory-mapped: its arrays are ``np.memmap`` (copy-on-write), read
+        from disk as they are used, so loading 10,000 images' cache costs no memory up front. An ``.npz``
+        is read whole. ``precision`` (``"bf16"`` or ``"fp32"``, see :func:`resolve_precision`) also refuses
+        an extraction made at the other precision; without it the file's own precision is accepted.
         """
-        with np.load(path, allow_pickle=False) as file:
-            arrays = {name: file[name] for name in file.files}
-        meta = json.loads(str(arrays["meta"]))
-        if meta.get("format") != FORMAT_VERSION:
-            raise StaleCacheError(f"{path} was written by another version of itae (format {meta.get('format')})")
+        path = Path(path)
+        if path.is_dir():
+            meta = _check_format(json.loads((path / META_FILE).read_text()), path)
+            arrays = {file.stem: np.load(file, mmap_mode="c", allow_pickle=False) for file in path.glob("*.npy")}
+        else:
+            with np.load(path, allow_pickle=False) as file:
+                meta = _check_format(json.loads(str(file["meta"])), path)
+                arrays = {name: file[name] for name in file.files if name != "meta"}
         if backbone is not None and data_fingerprint is not None:
             if cache_key(backbone.identity(), data_fingerprint, precision or meta["precision"]) != meta["key"]:
                 raise StaleCacheError(f"{path} was extracted from other data, model, weights, preprocessing or precision")
@@ -350,6 +365,15 @@ class Extraction:
         if backbone is not None:
             extraction.attach(backbone)
         return extraction
+
+
+def _check_format(meta: dict, path: Path) -> dict:
+    if meta.get("format") != FORMAT_VERSION:
+        raise StaleCacheError(
+            f"{path} was written by another version of itae (format {meta.get('format')}, this one reads "
+            f"{FORMAT_VERSION}): extract again"
+        )
+    return meta
 
 
 def cache_key(backbone_identity: dict, data_fingerprint: str, precision: str) -> str:
@@ -395,8 +419,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     Parameters
     ----------
     precision : {"auto", "bf16", "fp32"}
-        ``"auto"`` is bf16 autocast on CUDA and float32 elsewhere; ``"bf16"`` is bf16 autocast on any
-        device, the CPU included.
+        ``"auto"`` is bf16 autocast on CUDA and on a CPU that computes bf16 natively
+        (:func:`itae.devices.native_bf16_flags`: AMX, AVX512-BF16, Arm BF16), float32 elsewhere (MPS, and
+        CPUs that would emulate bf16 more slowly than float32); ``"bf16"`` is bf16 autocast on any device.
     device : torch.device
 
     Returns
@@ -406,7 +431,8 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
-        return "bf16" if device.type == "cuda" else "fp32"
+        native = device.type == "cuda" or (device.type == "cpu" and bool(devices.native_bf16_flags()))
+        return "bf16" if native else "fp32"
     return precision
 
 
@@ -434,6 +460,17 @@ def preprocessed_batches(
             raise UnreadableImage(dataset.names[index], reason)
         yield slice(start, start + len(batch_indices)), images.to(device, non_blocking=True)
         start += len(batch_indices)
+
+
+def precision_path(precision: str, device: torch.device) -> str:
+    """A few words naming the path an extraction at the resolved ``precision`` takes on ``device``, and why."""
+    if device.type != "cpu":
+        return f"{'bf16 autocast' if precision == 'bf16' else 'float32'} on {device.type}"
+    flags = ", ".join(devices.native_bf16_flags())
+    if precision == "bf16":
+        return f"bf16 autocast, native on this CPU ({flags})" if flags else \
+            "bf16 autocast, emulated on this CPU (no AMX, AVX512-BF16 or Arm BF16): slower than float32"
+    return f"float32 (this CPU also computes bf16 natively: {flags})" if flags else "float32 (no native bf16 on this CPU)"
 
 
 def autocast(device: torch.device, precision: str):
@@ -473,7 +510,7 @@ def extract(
     dataset : ImageDataset
     batch_size : images per forward pass
     num_workers : DataLoader worker processes for decoding
-    precision : "auto" (bf16 autocast on CUDA, float32 elsewhere), "bf16" (autocast on any device) or "fp32"
+    precision : "auto", "bf16" (autocast on any device) or "fp32"; see :func:`resolve_precision`
     progress : callable(done, total), called after each batch
     spill_dir : folder for the memory-mapped value cache of large sets (default: the system temp folder)
     """
@@ -577,14 +614,17 @@ def extract(
 def extract_cached(
     backbone: Backbone, dataset: ImageDataset, cache_dir: str | Path, precision: str = "auto", **kwargs
 ) -> Extraction:
-    """``extract``, reusing ``<cache_dir>/features/<key>.npz`` when nothing relevant changed, precision included."""
+    """``extract``, reusing the folder ``<cache_dir>/features/<key>`` when nothing relevant changed, precision
+    included. The result is the memory-mapped folder (:meth:`Extraction.load`), also right after extracting."""
     precision = resolve_precision(precision, backbone.device)
-    path = Path(cache_dir) / "features" / f"{cache_key(backbone.identity(), dataset.fingerprint, precision)}.npz"
-    if path.is_file():
+    folder = Path(cache_dir) / "features"
+    path = folder / cache_key(backbone.identity(), dataset.fingerprint, precision)
+    if path.is_dir():
         try:
             return Extraction.load(path, backbone, dataset.fingerprint, precision)
         except (StaleCacheError, OSError, KeyError, ValueError):
-            path.unlink(missing_ok=True)  # unreadable or stale: extract again
-    extraction = extract(backbone, dataset, precision=precision, **kwargs)
-    extraction.save(path)
-    return extraction
+            shutil.rmtree(path, ignore_errors=True)  # unreadable or stale: extract again
+    for legacy in folder.glob("*.npz"):  # formats 1-3 kept one archive per extraction, which nothing reads now
+        legacy.unlink(missing_ok=True)
+    extract(backbone, dataset, precision=precision, **kwargs).save(path)
+    return Extraction.load(path, backbone, dataset.fingerprint, precision)

@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path"]
+__all__ = ["atomic_directory", "atomic_path"]
 
 
 @contextlib.contextmanager
@@ -41,3 +43,47 @@ def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """A temporary folder beside ``target`` that replaces the folder ``target`` when the block ends without error.
+
+    As :func:`atomic_path`, for a folder of files: the new folder is renamed into place, so a reader finds
+    the old folder or the whole new one, never a half-written one; on any failure the temporary folder is
+    removed and ``target`` is left as it was. An old ``target`` is first renamed aside, then deleted: files a
+    reader has open or memory-mapped stay readable until it closes them (POSIX).
+
+    Parameters
+    ----------
+    target : str or os.PathLike
+        The folder to write; its parent is created if missing.
+
+    Yields
+    ------
+    pathlib.Path
+        An empty folder to write the files into.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temporary = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part"))
+    aside = None
+    try:
+        yield temporary
+        temporary.chmod(0o755)  # mkdtemp makes it private to its user; the cache is shared like any folder
+        while True:  # a loop: another writer may put its own folder in place between our two renames
+            try:
+                os.replace(temporary, target)
+                break
+            except OSError as error:
+                if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                    raise
+                aside = aside or Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".old"))
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(target, aside / str(len(os.listdir(aside))))
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)

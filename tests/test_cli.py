@@ -109,6 +109,15 @@ def test_extract_writes_features_labels_and_norms(capsys, tmp_path, cache_dir):
     assert "Extracted 20 images" in out and str(out_file) in out and "No artifacts" in out
 
 
+@pytest.mark.parametrize(("precision", "path"), [("fp32", "on cpu, float32"), ("bf16", "on cpu, bf16 autocast")])
+def test_extract_runs_and_prints_the_precision_asked_for(capsys, tmp_path, cache_dir, precision, path):
+    out_file = tmp_path / "features.npz"
+    status, out, _ = run(capsys, "extract", *SMALL, "--cache-dir", cache_dir, "--out", out_file, "--precision", precision)
+    assert status == 0 and path in out
+    with np.load(out_file) as saved:
+        assert json.loads(str(saved["meta"]))["precision"] == precision
+
+
 def test_explicit_theta_is_honoured(capsys, tmp_path, cache_dir):
     nothing, everything = tmp_path / "nothing.npz", tmp_path / "everything.npz"
     # A θ above every norm: the minority rule finds no artifact, so ITAE must equal the original.
@@ -203,14 +212,14 @@ def test_second_run_and_other_subcommands_reuse_the_cached_features(capsys, tmp_
     cache = tmp_path / "cache"
     status, _, _ = run(capsys, "eval", *SMALL, *QUICK, "--cache-dir", cache)
     assert status == 0
-    (cached,) = (cache / "features").glob("*.npz")
-    written = cached.stat().st_mtime_ns
+    (cached,) = (cache / "features").iterdir()
+    written = (cached / "meta.json").stat().st_mtime_ns
 
     forbid_extraction(monkeypatch)
     for command in (["eval", *QUICK], ["suggest-theta"], ["sweep", *QUICK, "--thetas", "1:2:1", "--out-dir", tmp_path]):
         status, _, err = run(capsys, *command, *SMALL, "--cache-dir", cache)
         assert status == 0, (command, err)
-    assert list((cache / "features").glob("*.npz")) == [cached] and cached.stat().st_mtime_ns == written
+    assert list((cache / "features").iterdir()) == [cached] and (cached / "meta.json").stat().st_mtime_ns == written
     # Another seed draws another --limit subset: that one has to be extracted.
     with pytest.raises(ExtractionCalled):
         cli.main(["suggest-theta", *SMALL, "--seed", "1", "--cache-dir", str(cache)])

@@ -25,7 +25,8 @@ PROTOCOL = dict(sets=2, runs=2, seed=3, backend="sklearn")
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     backbone, dataset = tiny_backbone(), ListDataset(12)
-    extraction = extract(backbone, dataset, batch_size=5)
+    # float32 on any CPU: the variants are held against float32 forward passes of the engine
+    extraction = extract(backbone, dataset, batch_size=5, precision="fp32")
     theta = float(np.median(extraction.query_norms[:, 1:]))
     cache = tmp_path_factory.mktemp("cache")
     comparison = compare(backbone, dataset, extraction, [METHODS[name] for name in TINY_METHODS], cache, theta=theta,

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from itae.devices import DEVICE_TYPES, available_devices, kmeans_device, resolve_device
+from itae.devices import DEVICE_TYPES, available_devices, kmeans_device, native_bf16_flags, resolve_device
 from itae.errors import DeviceError, ItaeError
 
 
@@ -40,3 +40,18 @@ def test_an_explicit_kmeans_device_the_backend_cannot_use_is_refused():
         kmeans_device("sklearn", torch.device("cpu"), "cuda")
     with pytest.raises(DeviceError, match=r"the torch K-Means \(its sums are float64\) runs on 'cuda' or 'cpu'"):
         kmeans_device("torch", torch.device("mps"), "mps")
+
+
+@pytest.mark.parametrize(
+    ("capabilities", "expected"),
+    [
+        ({"avx512_f": True, "avx2": True, "avx512_bf16": False, "amx_bf16": False}, ()),  # Zen 3, Skylake-SP
+        ({"avx512_bf16": True, "amx_bf16": False}, ("avx512_bf16",)),  # Zen 4-5, Cooper Lake
+        ({"avx512_bf16": True, "amx_bf16": True, "amx_tile": True}, ("amx_bf16", "avx512_bf16")),  # Sapphire Rapids
+        ({"neon": True, "bf16": True, "sve_bf16": False}, ("bf16",)),  # Arm v8.6+ (Graviton 3, Apple M2)
+        ({"architecture": "x86_64"}, ()),
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_capabilities(monkeypatch, capabilities, expected):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: capabilities)
+    assert native_bf16_flags() == expected

@@ -1,10 +1,17 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 from sklearn.datasets import make_blobs
 
-from itae.embed import shared_umap, umap_embedding
+from itae.embed import NUMBA_FOLDER, shared_umap, umap_embedding
 from itae.extract import extract
 from test_extract import ListDataset, tiny_backbone
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_umap_is_seeded_and_keeps_clusters_apart():
@@ -68,3 +75,24 @@ def test_both_feature_sets_share_one_space():
 def test_shared_umap_refuses_feature_sets_of_different_shapes():
     with pytest.raises(ValueError, match="same shape"):
         shared_umap(np.ones((5, 4)), np.ones((4, 4)))
+
+
+def test_umaps_compilation_is_kept_on_disk_for_the_next_process(tmp_path):
+    """The first process compiles (about a minute on 2 cores, a fresh numba cache); the second reads it all."""
+    probe = (
+        "from itae.embed import compile_umap, import_umap\n"
+        "compile_umap()\n"
+        "import umap.umap_ as u\n"
+        "for f in (u.smooth_knn_dist, u.compute_membership_strengths):\n"
+        "    print(f.__name__, f.stats.cache_path, len(f.stats.cache_hits), len(f.stats.cache_misses))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_CACHE_DIR"}
+    env.update(ITAE_CACHE_DIR=str(tmp_path), PYTHONPATH=str(ROOT))
+    runs = [subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=600)
+            for _ in range(2)]
+    for run in runs:
+        assert run.returncode == 0, run.stderr[-2000:]
+    first, second = ([line.split() for line in run.stdout.splitlines()] for run in runs)
+    folder = str(tmp_path / NUMBA_FOLDER)
+    assert all(path.startswith(folder) and misses == "1" for _, path, _, misses in first)  # compiled and written
+    assert all(path.startswith(folder) and (hits, misses) == ("1", "0") for _, path, hits, misses in second)

@@ -7,11 +7,11 @@ import timm
 import torch
 from PIL import Image
 
-from itae import cls_features, engine, extract as extract_module, query_norms
+from itae import cls_features, devices, engine, extract as extract_module, query_norms
 from itae.choices import DETECTORS
 from itae.backbones import Backbone, make_preprocess
 from itae.errors import StaleCacheError, UnreadableImage
-from itae.extract import Extraction, extract, extract_cached
+from itae.extract import Extraction, extract, extract_cached, precision_path, resolve_precision
 from itae.registry import BackboneSpec
 
 ATTENUATIONS = [engine.Attenuation(kind) for kind in ("min", "remove", "mean")] + [engine.Attenuation("scale", 0.3)]
@@ -49,6 +49,13 @@ class ListDataset:
         if index in self.broken:
             raise UnreadableImage(self.names[index], "truncated file")
         return Image.fromarray(self.images[index])
+
+
+@pytest.fixture(autouse=True)
+def cpu_without_native_bf16(monkeypatch):
+    """Every test here sees a CPU without native bf16, so that "auto" is float32 on any machine; the tests of
+    the bf16 path ask for it, and those of "auto" set the CPU they need."""
+    monkeypatch.setattr(devices, "native_bf16_flags", lambda: ())
 
 
 def batch_of(backbone, dataset, indices):
@@ -163,13 +170,59 @@ def test_save_load_roundtrip_and_stale_keys(tmp_path):
 def test_extract_cached_reuses_the_file(tmp_path, monkeypatch):
     backbone, dataset = tiny_backbone(), ListDataset(4)
     first = extract_cached(backbone, dataset, tmp_path)
-    monkeypatch.setattr(extract_module, "extract", lambda *a, **k: pytest.fail("extracted twice"))
-    second = extract_cached(backbone, dataset, tmp_path)
+    with monkeypatch.context() as patch:
+        patch.setattr(extract_module, "extract", lambda *a, **k: pytest.fail("extracted twice"))
+        second = extract_cached(backbone, dataset, tmp_path)
     np.testing.assert_array_equal(first.features_original, second.features_original)
-    monkeypatch.undo()
     other = extract_cached(backbone, ListDataset(4, seed=3), tmp_path)
     assert other.info.key != first.info.key
-    assert len(list((tmp_path / "features").glob("*.npz"))) == 2
+    assert sorted(p.name for p in (tmp_path / "features").iterdir()) == sorted([first.info.key, other.info.key])
+
+
+def test_a_saved_folder_is_memory_mapped_and_holds_what_the_archive_holds(tmp_path):
+    backbone, dataset = tiny_backbone(), ListDataset(5, broken=[2])
+    extraction = extract(backbone, dataset)
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    result = extraction.itae(theta)
+    folder = Extraction.load(extraction.save(tmp_path / "features", itae=result), backbone, dataset.fingerprint)
+    archive = Extraction.load(extraction.save(tmp_path / "features.npz", itae=result), backbone, dataset.fingerprint)
+    assert (tmp_path / "features").is_dir() and (tmp_path / "features.npz").is_file()
+    for name in ("features_original", "query_norms", "output_norms", "attention_original", "labels", "indices"):
+        assert isinstance(getattr(folder, name), np.memmap), name  # read from disk as used, not up front
+        assert not isinstance(getattr(archive, name), np.memmap), name
+        np.testing.assert_array_equal(getattr(folder, name), getattr(archive, name))
+    for name in ("cls_input", "cls_logits", "values"):
+        assert isinstance(getattr(folder.cache, name), np.memmap), name
+    assert folder.info == archive.info and folder.names == archive.names and folder.skipped == archive.skipped
+    np.testing.assert_array_equal(folder.itae(theta).features, result.features)
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+
+
+def test_a_folder_is_replaced_whole_and_readers_keep_the_old_one(tmp_path):
+    backbone = tiny_backbone()
+    first = extract(backbone, ListDataset(3))
+    loaded = Extraction.load(first.save(tmp_path / "features"))
+    second = extract(backbone, ListDataset(4, seed=1))
+    again = Extraction.load(second.save(tmp_path / "features"))
+    assert len(again) == 4 and sorted(p.name for p in tmp_path.iterdir()) == ["features"]
+    np.testing.assert_array_equal(loaded.features_original, first.features_original)  # its mapping outlives the folder
+
+
+def test_older_formats_are_refused_and_extracted_again(tmp_path, monkeypatch):
+    backbone, dataset = tiny_backbone(), ListDataset(3)
+    with monkeypatch.context() as patch:
+        patch.setattr(extract_module, "FORMAT_VERSION", 2)
+        old = extract(backbone, dataset)
+        archive = old.save(tmp_path / "features" / f"{old.info.key}.npz")  # what format 2 kept in the cache
+        folder = old.save(tmp_path / "old-folder")
+    for path in (archive, folder):
+        with pytest.raises(StaleCacheError, match="format 2.*extract again"):
+            Extraction.load(path)
+    real_extract, calls = extract_module.extract, []
+    monkeypatch.setattr(extract_module, "extract", lambda *a, **k: calls.append(1) or real_extract(*a, **k))
+    fresh = extract_cached(backbone, dataset, tmp_path)
+    assert calls == [1] and fresh.info.key != old.info.key
+    assert [p.name for p in (tmp_path / "features").iterdir()] == [fresh.info.key]  # the old archive is gone
 
 
 def test_large_value_caches_spill_to_disk(tmp_path, monkeypatch):
@@ -265,8 +318,8 @@ def test_a_cache_written_at_bf16_is_never_read_at_fp32_and_the_reverse(tmp_path,
     assert not np.array_equal(again[0].features_original, bf16.features_original)
     for written, other in ((bf16, "fp32"), (fp32, "bf16")):
         with pytest.raises(StaleCacheError, match="precision"):
-            Extraction.load(tmp_path / "features" / f"{written.info.key}.npz", backbone, dataset.fingerprint, other)
-    loaded = Extraction.load(tmp_path / "features" / f"{bf16.info.key}.npz", backbone, dataset.fingerprint)
+            Extraction.load(tmp_path / "features" / written.info.key, backbone, dataset.fingerprint, other)
+    loaded = Extraction.load(tmp_path / "features" / bf16.info.key, backbone, dataset.fingerprint)
     theta = float(np.median(bf16.query_norms[:, 1:]))
     assert np.array_equal(loaded.itae(theta).features, bf16.itae(theta).features)
 
@@ -310,3 +363,43 @@ def test_detector_norms_survive_save_and_load(tmp_path):
         np.testing.assert_array_equal(loaded.detector_norms(detector), extraction.detector_norms(detector))
     with pytest.raises(ValueError, match="detector must be one of"):
         loaded.detector_norms("attention")
+
+
+@pytest.mark.parametrize(
+    ("device", "flags", "expected"),
+    [
+        ("cpu", (), "fp32"),  # bf16 would be emulated, slower than float32
+        ("cpu", ("avx512_bf16",), "bf16"),
+        ("cpu", ("amx_bf16", "avx512_bf16"), "bf16"),
+        ("cuda", (), "bf16"),
+        ("mps", ("bf16",), "fp32"),
+    ],
+)
+def test_auto_is_bf16_where_the_hardware_computes_it(monkeypatch, device, flags, expected):
+    monkeypatch.setattr(devices, "native_bf16_flags", lambda: flags)
+    assert resolve_precision("auto", torch.device(device)) == expected
+    for forced in ("bf16", "fp32"):  # the user's choice stands on any hardware
+        assert resolve_precision(forced, torch.device(device)) == forced
+    assert precision_path(expected, torch.device(device)).startswith("bf16 autocast" if expected == "bf16" else "float32")
+
+
+def test_the_precision_path_names_the_cpu_flags(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(devices, "native_bf16_flags", lambda: ("avx512_bf16",))
+    assert precision_path("bf16", cpu) == "bf16 autocast, native on this CPU (avx512_bf16)"
+    assert precision_path("fp32", cpu) == "float32 (this CPU also computes bf16 natively: avx512_bf16)"
+    monkeypatch.setattr(devices, "native_bf16_flags", lambda: ())
+    assert precision_path("fp32", cpu) == "float32 (no native bf16 on this CPU)"
+    assert "emulated" in precision_path("bf16", cpu)
+
+
+def test_auto_on_a_native_bf16_cpu_extracts_at_bf16_and_reevaluates_exactly(monkeypatch):
+    monkeypatch.setattr(devices, "native_bf16_flags", lambda: ("avx512_bf16",))
+    backbone, dataset = tiny_backbone(), ListDataset(6)
+    extraction = extract(backbone, dataset, batch_size=4)
+    assert extraction.info.precision == "bf16" and extraction.cache.values.dtype == np.int16
+    x = batch_of(backbone, dataset, range(6))
+    theta = float(np.median(extraction.query_norms[:, 1:]))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        full = cls_features(backbone.model, x, theta).float()
+    torch.testing.assert_close(torch.from_numpy(extraction.itae(theta).features), full, atol=1e-6, rtol=0)

@@ -250,7 +250,7 @@ def main() -> None:
     columns[1].metric("Classes", len(extraction.class_names) if extraction.class_names else "none")
     columns[2].metric("Skipped", len(extraction.skipped))
     columns[3].metric("Tokens per image", extraction.query_norms.shape[1], help=f"CLS + {info.num_registers} registers + {info.grid_size[0]}×{info.grid_size[1]} patches")
-    st.caption(f"{info.data} · {info.label} · weights: {info.weights} · precision {info.precision} · cache key {info.key}")
+    st.caption(f"{info.data} · {info.label} · weights: {info.weights} · {state.precision_line(extraction)} · cache key {info.key}")
     show_counts(extraction)
     st.markdown(f"**The first {min(THUMBNAILS, len(extraction))} images**")
     show_thumbnails(extraction)

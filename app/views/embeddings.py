@@ -17,7 +17,7 @@ import streamlit as st
 
 import state
 import threshold
-from itae.embed import SharedEmbedding, compile_umap, shared_umap
+from itae.embed import SharedEmbedding, shared_umap
 from itae.evaluate import kmeans, l2_normalize
 
 MIN_IMAGES = 5
@@ -28,13 +28,6 @@ PLOT_NAMES = {"umap_original": "original", "umap_itae": "ITAE"}
 """Each plot's widget key and the name the selection list gives it."""
 SELECTION = "emb_selection"
 PADDING = 0.05  # of the layout's extent, around the points, so that no marker sits on the frame
-
-
-@st.cache_resource(show_spinner="Compiling UMAP the first time, ~30 s")
-def umap_compiled() -> bool:
-    """numba's compilation happens once, behind one message."""
-    compile_umap()
-    return True
 
 
 @st.cache_data(max_entries=32, show_spinner="Computing the shared UMAP embedding…")
@@ -199,7 +192,10 @@ def main() -> None:
     arrows = columns[4].toggle("Arrows: how far each image moved", key="emb_arrows",
                                help="On the ITAE plot, an arrow from each changed image's original place to its ITAE place.")
     seed = 0
-    umap_compiled()
+    warm_up = state.umap_warm_up()
+    if warm_up.is_alive():
+        with st.spinner("Compiling UMAP (the first time on this machine: ~30-40 s; later runs read it from disk)…"):
+            warm_up.join()
     key, theta_id = extraction.info.key, f"itae θ={theta:.4f} {rule}"
     layout = shared_layout(key, theta_id, n_neighbors, min_dist, seed, extraction.features_original, result.features)
     st.caption(movement_summary(layout, theta, rule))
