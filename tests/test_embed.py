@@ -78,11 +78,19 @@ def test_shared_umap_refuses_feature_sets_of_different_shapes():
 
 
 def test_umaps_compilation_is_kept_on_disk_for_the_next_process(tmp_path):
-    """The first process compiles (about a minute on 2 cores, a fresh numba cache); the second reads it all."""
+    """The first process compiles two of UMAP's numba functions into a fresh cache; the second reads them back.
+
+    Two functions rather than a whole fit (a minute on 2 cores): enough to see where the code is kept and
+    that the next process finds it; ``bench/bench_umap_cold.py`` times the whole fit.
+    """
     probe = (
-        "from itae.embed import compile_umap, import_umap\n"
-        "compile_umap()\n"
+        "import numpy as np\n"
+        "from itae.embed import import_umap\n"
+        "import_umap()\n"
         "import umap.umap_ as u\n"
+        "distances = np.random.default_rng(0).random((30, 5)).astype(np.float32)\n"
+        "sigmas, rhos = u.smooth_knn_dist(distances, 5.0)\n"
+        "u.compute_membership_strengths(np.argsort(distances, 1).astype(np.int32), distances, sigmas, rhos)\n"
         "for f in (u.smooth_knn_dist, u.compute_membership_strengths):\n"
         "    print(f.__name__, f.stats.cache_path, len(f.stats.cache_hits), len(f.stats.cache_misses))\n"
     )
