@@ -1,7 +1,7 @@
 """θ and the rule of this session: where they start, the widgets that move them, and when a move counts.
 
 The pages compute with one θ and rule, ``current_theta()`` and ``current_rule()``. The slider, the
-number box beside it and the rule picker live in a fragment: a change reruns only that fragment, which
+box for an exact θ beside it (a small form) and the rule picker live in a fragment: a change reruns only that fragment, which
 draws the three widgets and computes nothing. The change counts, and the page reruns once with it, when
 the widgets have held still for ``SETTLE_S``: a newer change arriving meanwhile (a held arrow key sends
 one per step) stops the waiting run at its next Streamlit call, so only the last value is computed. Only a
@@ -170,13 +170,15 @@ def _widgets(low: float, high: float) -> None:
     left, middle, right = st.columns([4, 1, 3], vertical_alignment="bottom")
     left.slider(
         "θ (query-norm threshold)", min_value=low, max_value=high, step=THETA_STEP, key=SLIDER,
-        on_change=_follow, args=(SLIDER, NUMBER), persist_state="session",
+        on_change=_follow_slider, persist_state="session",
         help="Non-CLS tokens with query norm ≤ θ form L_a, the others L_b (Eq. 2).",
     )
-    middle.number_input(
-        "θ exactly", min_value=low, max_value=high, step=THETA_STEP, format="%.2f", key=NUMBER,
-        on_change=_follow, args=(NUMBER, SLIDER), persist_state="session",
-    )
+    # The exact θ is typed into a form: a form sends its box only when submitted, so a value the browser
+    # has not yet been sent back is never mistaken for the user's (a live box would send its last value
+    # with every slider step, and one step behind it would undo the move).
+    with middle.form("theta_exactly", border=False):
+        st.number_input("θ exactly", min_value=low, max_value=high, step=THETA_STEP, format="%.2f", key=NUMBER)
+        st.form_submit_button("Set θ", on_click=_typed)
     right.radio(
         "Artifact rule", RULES, key=RULE, horizontal=True, persist_state="session", on_change=_mark_pending,
         help="minority: the smaller of L_a and L_b (Eq. 3); below: L_a (the θ sweep of Sec. 5.2); above: L_b.",
@@ -191,13 +193,16 @@ def _widgets(low: float, high: float) -> None:
     st.rerun(scope="app")
 
 
-def _follow(changed: str, other: str) -> None:
-    """Callback: the other θ widget shows the changed one's value, on the slider's grid.
+def _follow_slider() -> None:
+    """Callback: the number box shows the slider's value (the slider itself is left alone: writing it would
+    send the browser the value of this request back, undoing the steps taken since)."""
+    st.session_state[NUMBER] = round(float(st.session_state[SLIDER]), 2)
+    _mark_pending()
 
-    The changed widget itself is left alone: writing its key would send the browser the value of this
-    request back, undoing the steps the user has taken since.
-    """
-    st.session_state[other] = round(float(st.session_state[changed]), 2)
+
+def _typed() -> None:
+    """Callback of the form: the slider moves to the typed θ, on its grid."""
+    st.session_state[SLIDER] = round(float(st.session_state[NUMBER]), 2)
     _mark_pending()
 
 

@@ -30,6 +30,11 @@ def screenshot(page: Page, name: str) -> None:
 def settle(page: Page, text: str, timeout_s: float = RUN_S) -> None:
     """Wait until ``text`` shows (or an exception box) and the script has stopped running."""
     page.get_by_text(text).first.or_(page.get_by_test_id("stException").first).wait_for(timeout=timeout_s * 1000)
+    wait_idle(page, timeout_s)
+
+
+def wait_idle(page: Page, timeout_s: float = RUN_S) -> None:
+    """Wait until no script run is going."""
     # The text can show while the run that draws it is still going (the sidebar is drawn after the page):
     # wait for the app's own script state, which the status widget only shows after a delay.
     page.wait_for_function(

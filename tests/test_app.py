@@ -437,7 +437,8 @@ def test_the_theta_box_and_the_slider_show_one_theta():
     at.switch_page("views/norms.py").run()
     slider = at.slider(key="theta_slider")
     typed = round(slider.min + 0.37, 2)
-    at.number_input(key="theta_number").set_value(typed).run()
+    at.number_input(key="theta_number").set_value(typed)
+    press(at, "Set θ")
     assert_clean(at, "a typed θ")
     assert at.session_state.theta == typed and at.slider(key="theta_slider").value == typed
     assert f"at θ = {typed:.2f}" in artifact_line(at)

@@ -2,6 +2,7 @@
 and the features of an upload leave with its session. Shares the server of tests/conftest.py and starts a
 second one that allows one folder."""
 import io
+import re
 import time
 import zipfile
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 from PIL import Image
 from playwright.sync_api import expect
 
-from browser_pages import LIMIT, PAGES, assert_clean, run_after, screenshot, settle
+from browser_pages import LIMIT, PAGES, assert_clean, run_after, screenshot, settle, wait_idle
 from streamlit_server import Dashboard, running_dashboard
 
 OUTSIDE = "outside the folders this server allows"
@@ -56,18 +57,20 @@ def choose_source(page, name: str) -> None:
     the box is then opened again, until it shows the choice.
     """
     box = page.get_by_test_id("stSelectbox").filter(has_text="Source")
+    chosen = box.get_by_role("combobox")
     for _ in range(3):
         box.click()
         option = page.get_by_role("option").filter(has_text=name)
         option.wait_for()
         option.click()
         try:
-            expect(box).to_contain_text(name, timeout=10_000)
+            expect(chosen).to_have_value(re.compile(re.escape(name)), timeout=10_000)
             break
         except AssertionError:
             continue
-    expect(box).to_contain_text(name, timeout=1)
-    settle(page, name)
+    expect(chosen).to_have_value(re.compile(re.escape(name)), timeout=1)
+    page.wait_for_timeout(500)  # the run the choice asked for has begun
+    wait_idle(page)
 
 
 def metric(page, label: str) -> str:
