@@ -6,6 +6,7 @@ models are cache resources, so this process plants the demo weights once. The de
 run than random ones (same architecture), and the clustering of random-weight features is slow to converge,
 so only one test uses random weights.
 """
+import ast
 import dataclasses
 import gc
 import io
@@ -510,3 +511,15 @@ def test_folders_of_servers_that_are_gone_are_removed(tmp_path):
         (folder / "features").mkdir(parents=True)
     assert session_files.remove_orphans(tmp_path) == [orphan]
     assert not orphan.exists() and alive.path.exists() and stranger.exists()
+
+
+def test_no_page_script_shows_a_stray_string():
+    """Streamlit writes every bare string of a page script on the page ("magic"): only the docstring may be one."""
+    scripts = [APP, *sorted((APP.parent / "views").glob("*.py"))]
+    stray = [
+        f"{script.name}:{node.lineno}"
+        for script in scripts
+        for node in ast.parse(script.read_text()).body[1:]
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+    ]
+    assert not stray, f"bare strings that Streamlit would show: {stray}"

@@ -24,8 +24,8 @@ MIN_IMAGES = 5
 SELECTED_SHOWN = 48
 THUMBNAIL_SIDE = 80
 COLOURINGS = ("true label", "K-Means cluster", "artifacts per image", "distance moved")
+# Each plot's widget key, and the name the selection list gives it.
 PLOT_NAMES = {"umap_original": "original", "umap_itae": "ITAE"}
-"""Each plot's widget key and the name the selection list gives it."""
 SELECTION = "emb_selection"
 PADDING = 0.05  # of the layout's extent, around the points, so that no marker sits on the frame
 
