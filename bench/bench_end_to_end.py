@@ -24,6 +24,7 @@ Absolute numbers depend on the machine; the shares are the figure.
 from __future__ import annotations
 
 import argparse
+import resource
 import time
 
 import numpy as np
@@ -68,6 +69,8 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _common.add_device_args(parser)
     parser.add_argument("--model", default="dinov2_vitb14")
+    parser.add_argument("--weights", default="random",
+                        help="random (timm's, LayerScale raised: the real cost, informative features) or demo, hub, a file")
     parser.add_argument("--limit", type=int, default=10_000, help="Fashion-MNIST test images (balanced subset)")
     parser.add_argument("--root", default=None, help="folder holding the Fashion-MNIST IDX files (default: Debian's)")
     parser.add_argument("--batch", type=int, default=None, help="default: 256 on CUDA, 32 on CPU")
@@ -82,8 +85,9 @@ def main(argv=None) -> dict:
     workers = args.workers if args.workers is not None else (8 if cuda else 0)
     _common.limit_threads(args.threads)
     print(_common.machine())
-    backbone = load_backbone(args.model, weights="random", device=device)
-    _common.informative_random(backbone.model)
+    backbone = load_backbone(args.model, weights=args.weights, device=device)
+    if args.weights == "random":
+        _common.informative_random(backbone.model)
 
     stages: dict[str, float] = {}
     start = time.perf_counter()
@@ -104,7 +108,7 @@ def main(argv=None) -> dict:
     total = time.perf_counter() - start
 
     n = len(extraction)
-    print(f"\n{args.model} (random weights), {n:,} images, {extraction.info.precision}, batch {batch}, "
+    print(f"\n{backbone.label}, {n:,} images, {extraction.info.precision}, batch {batch}, "
           f"{workers} workers, K-Means {args.sets} sets x {args.runs} inits, θ = {theta:.3f}")
     rows = {}
     for name, seconds in stages.items():
@@ -115,11 +119,13 @@ def main(argv=None) -> dict:
     for name, seconds in rows.items():
         print(f"  {name:<22}{seconds:>10.2f}{seconds / total:>8.1%}{n / seconds:>11.1f}")
     print(f"  {'total':<22}{total:>10.2f}{1:>8.0%}{n / total:>11.1f}")
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"  peak resident memory {peak_mib:,.0f} MiB")
     for name, scores in protocol.items():
-        print(f"  {name:<9} ACC {scores['acc']['mean']:.3f}  NMI {scores['nmi']['mean']:.3f}  ARI {scores['ari']['mean']:.3f}  (random weights)")
+        print(f"  {name:<9} ACC {scores['acc']['mean']:.3f}  NMI {scores['nmi']['mean']:.3f}  ARI {scores['ari']['mean']:.3f}  ({backbone.label})")
     out = {
         "figure": "end_to_end", "model": args.model, "images": n, "device": str(device), "precision": extraction.info.precision,
-        "batch": batch, "workers": workers, "sets": args.sets, "runs": args.runs, "stages_s": rows, "total_s": total,
+        "batch": batch, "workers": workers, "sets": args.sets, "runs": args.runs, "stages_s": rows, "total_s": total, "peak_rss_mib": peak_mib, "weights": args.weights,
         "scores": {name: {m: scores[m]["mean"] for m in SUPERVISED_METRICS} for name, scores in protocol.items()},
     }
     _common.write_json(args.json, out)
