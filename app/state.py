@@ -18,6 +18,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from typing import Generic, TypeVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ __all__ = [
     "NAMED_WEIGHTS",
     "SESSIONS_FOLDER",
     "Selection",
+    "SharedStore",
     "clustering_device",
     "commit_selection",
     "current_backbone",
@@ -55,6 +57,9 @@ __all__ = [
     "register_upload",
     "sidebar_status",
 ]
+
+K = TypeVar("K")
+V = TypeVar("V")
 
 # What pages catch and show as a message, so that no traceback ever reaches the page: the library's
 # user errors, as the command line catches them, and a device failing (torch raises RuntimeError, for
@@ -191,41 +196,42 @@ def current_dataset() -> ImageDataset:
 # Extractions ------------------------------------------------------------------------------------
 
 
-class _ExtractionStore:
-    """Extractions by selection, least recently used dropped first; one extraction per key at a time."""
+class SharedStore(Generic[K, V]):
+    """Values by key (extractions by selection, comparisons by request), least recently used dropped first;
+    one computation per key at a time (``key_lock``). Thread-safe: sessions share it."""
 
     def __init__(self, capacity: int):
-        self._items: OrderedDict[Selection, Extraction] = OrderedDict()
-        self._key_locks: dict[Selection, threading.Lock] = {}
+        self._items: OrderedDict[K, V] = OrderedDict()
+        self._key_locks: dict[K, threading.Lock] = {}
         self._lock = threading.Lock()
         self._capacity = capacity
 
-    def get(self, key: Selection) -> Extraction | None:
+    def get(self, key: K) -> V | None:
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
             return self._items.get(key)
 
-    def put(self, key: Selection, extraction: Extraction) -> None:
+    def put(self, key: K, value: V) -> None:
         with self._lock:
-            self._items[key] = extraction
+            self._items[key] = value
             while len(self._items) > self._capacity:
                 self._items.popitem(last=False)
 
-    def key_lock(self, key: Selection) -> threading.Lock:
+    def key_lock(self, key: K) -> threading.Lock:
         with self._lock:
             return self._key_locks.setdefault(key, threading.Lock())
 
 
 @st.cache_resource(show_spinner=False)
-def _shared_store() -> _ExtractionStore:
-    return _ExtractionStore(STORE_CAPACITY)
+def _shared_store() -> SharedStore[Selection, Extraction]:
+    return SharedStore(STORE_CAPACITY)
 
 
-def _store_for(selection: Selection) -> _ExtractionStore:
+def _store_for(selection: Selection) -> SharedStore[Selection, Extraction]:
     """Uploads stay with their session; everything else is shared by all sessions."""
     if selection.source == "upload":
-        return st.session_state.setdefault("upload_extractions", _ExtractionStore(1))
+        return st.session_state.setdefault("upload_extractions", SharedStore(1))
     return _shared_store()
 
 

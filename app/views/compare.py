@@ -7,8 +7,6 @@ on a CPU the first time) run only when their button is pressed; the others come 
 at once. Comparisons are kept for all sessions in a small store, as extractions are.
 """
 import json
-import threading
-from collections import OrderedDict
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -46,30 +44,10 @@ class Request:
     seed: int
 
 
-class _Store:
-    """Comparisons by request, least recently used dropped first; shared read-only by all sessions."""
-
-    def __init__(self, capacity: int):
-        self.items: OrderedDict[Request, Comparison] = OrderedDict()
-        self.lock = threading.Lock()
-        self.capacity = capacity
-
-    def get(self, request: Request) -> Comparison | None:
-        with self.lock:
-            if request in self.items:
-                self.items.move_to_end(request)
-            return self.items.get(request)
-
-    def put(self, request: Request, comparison: Comparison) -> None:
-        with self.lock:
-            self.items[request] = comparison
-            while len(self.items) > self.capacity:
-                self.items.popitem(last=False)
-
-
 @st.cache_resource(show_spinner=False)
-def _store() -> _Store:
-    return _Store(STORE_CAPACITY)
+def _store() -> state.SharedStore[Request, Comparison]:
+    """Comparisons by request, shared read-only by all sessions."""
+    return state.SharedStore(STORE_CAPACITY)
 
 
 def run(request: Request, extraction) -> Comparison:
