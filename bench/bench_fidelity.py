@@ -40,7 +40,7 @@ def float32_query_norms(backbone, dataset, batch: int) -> np.ndarray:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = engine.final_block_input(model, images)
         q, _, _ = engine.final_block_qkv(block, x.float())  # outside autocast: float32 weights and input
-        out.append(engine.query_norms_from_queries(q).numpy())
+        out.append(engine.qkv_norms(q).numpy())
     return np.concatenate(out)
 
 
