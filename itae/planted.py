@@ -506,7 +506,7 @@ def _calibrate(model: nn.Module, preprocess, seed: int) -> _Neuron:
 
 def _write_neuron(neuron: _Neuron, cache_file: str | Path) -> None:
     fields = {name: getattr(neuron, name) for name in _NEURON_FIELDS}
-    fields["weight"], fields["write"], fields["priority"] = neuron.weight.cpu(), neuron.write.cpu(), neuron.priority.cpu()
+    fields = {name: value.cpu() if isinstance(value, torch.Tensor) else value for name, value in fields.items()}
     with atomic_path(cache_file) as part:
         torch.save({"version": PLANTING_VERSION, **fields}, part)
 

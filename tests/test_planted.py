@@ -13,7 +13,7 @@ from itae.backbones import PLANTED_SUFFIX, Backbone, load_backbone, make_preproc
 from itae.data import balanced_subset, open_source
 from itae.errors import BackboneError
 from itae.extract import extract
-from itae.planted import detection_scores, lateral_inhibition, plant_artifacts, planted_mask
+from itae.planted import PLANTING_VERSION, detection_scores, lateral_inhibition, plant_artifacts, planted_mask
 from itae.registry import BackboneSpec
 from itae.theta import suggest_theta
 
@@ -96,7 +96,8 @@ def test_lateral_inhibition_fires_on_candidates_by_priority_never_on_neighbours(
     assert fired[0].nonzero().flatten().tolist() == [1 + 1, 1 + 15]
     assert fired.shape == (1, 17) and not fired[0, 0], "CLS never fires"
     assert lateral_inhibition(response, 1, (4, 4), 1, priority)[0].nonzero().flatten().tolist() == [1 + 15], "the cap"
-    assert not lateral_inhibition(torch.full((1, 17), -1.0), 1, (4, 4), 2, priority).any(), "no positive response, no artifact"
+    no_response = torch.full((1, 17), -1.0)
+    assert not lateral_inhibition(no_response, 1, (4, 4), 2, priority).any(), "no positive response, no artifact"
 
 
 def test_the_planted_positions_survive_rounding_smaller_than_the_margin():
@@ -247,6 +248,20 @@ def test_an_unreadable_kept_neuron_is_calibrated_again(tmp_path):
     planting = plant_artifacts(model, preprocess, seed=0, cache_file=cache_file)
     assert planting == planted_tiny()[2]
     assert torch.load(cache_file, weights_only=True)["block"] == planting.block, "the calibration replaced the bad file"
+
+
+def test_a_kept_neuron_of_another_planting_version_is_calibrated_again(tmp_path):
+    cache_file = tmp_path / "tiny.pt"
+    model = tiny_vit()
+    preprocess = make_preprocess(model, 56)
+    plant_artifacts(model, preprocess, seed=0, cache_file=cache_file)
+    older = torch.load(cache_file, weights_only=True)
+    older["version"], older["priority"] = PLANTING_VERSION - 1, older["priority"].flip(0)
+    torch.save(older, cache_file)
+    again = tiny_vit()
+    plant_artifacts(again, preprocess, seed=0, cache_file=cache_file)
+    assert torch.equal(again.blocks[1].mlp.act.priority, model.blocks[1].mlp.act.priority), "not read back"
+    assert torch.load(cache_file, weights_only=True)["version"] == PLANTING_VERSION
 
 
 def test_load_backbone_keeps_the_planting_in_the_cache_folder(tmp_path, monkeypatch):
