@@ -40,7 +40,7 @@ def float32_query_norms(backbone, dataset, batch: int) -> np.ndarray:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             x = engine.final_block_input(model, images)
         q, _, _ = engine.final_block_qkv(block, x.float())  # outside autocast: float32 weights and input
-        out.append(engine.query_norms_from_queries(q).numpy())
+        out.append(engine.qkv_norms(q).numpy())
     return np.concatenate(out)
 
 
@@ -79,8 +79,8 @@ def measure(backbone, dataset, batch: int) -> dict:
             if path["theta"] is not None:
                 path["mask_agreement_at_own_theta"] = float((mask(n, path["theta"]) == mask(fp32.query_norms, reference_theta)).mean())
         if reference_theta is not None and fp32.planted_mask is not None:
-            # The planted neuron picks the largest of near-equal responses among flat patches: bf16 rounding
-            # can make it fire on a neighbour. Where both precisions planted the same tokens, the mask
+            # bf16 rounding can carry a patch's response across the planted neuron's margin and move a
+            # planted token (itae.planted.MARGIN). Where both precisions planted the same tokens, the mask
             # differences left are the threshold's own.
             same = (fp32.planted_mask == bf16.planted_mask)[:, 1:]
             path["mask_agreement_where_planted_alike"] = float(

@@ -13,6 +13,10 @@ Also the cost of planting at load time, side by side with loading the same weigh
 
     python bench/bench_planted.py                 # everything (about 10 minutes on 2 CPU cores)
     python bench/bench_planted.py --sets 5        # a quicker protocol
+    python bench/bench_planted.py --precision auto  # the protocol on features extracted as `itae eval` does
+
+Properties 1-4 run in float32; the protocol's features are extracted at ``--precision`` (float32 by default,
+as 1-4).
 """
 from __future__ import annotations
 
@@ -87,6 +91,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sets", type=int, default=20)
     parser.add_argument("--runs", type=int, default=25)
+    parser.add_argument("--precision", choices=("fp32", "auto", "bf16"), default="fp32",
+                        help="of the features the protocol clusters (default fp32)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     print(_common.machine())
@@ -102,10 +108,11 @@ def main() -> None:
     thetas = {name: properties(name, final_block_residuals(planted, data))
               for name, data in (("demo Fashion-MNIST", demo), ("demo photos", photos))}
 
-    print(f"\n5 the paper's protocol on {demo.description}, {args.sets} sets x {args.runs} runs, mean ± SE in %:")
     folder = cache_dir()
-    original = extract_cached(clean, demo, folder)
-    teaching = extract_cached(planted, demo, folder)
+    original = extract_cached(clean, demo, folder, precision=args.precision)
+    teaching = extract_cached(planted, demo, folder, precision=args.precision)
+    print(f"\n5 the paper's protocol on {demo.description}, {args.sets} sets x {args.runs} runs, features at "
+          f"{teaching.info.precision}, mean ± SE in %:")
     theta = thetas["demo Fashion-MNIST"]
     rows = {
         "clean": protocol_row("clean", original.features_original, demo.labels[original.indices], args.sets, args.runs),
@@ -113,7 +120,7 @@ def main() -> None:
         "planted + ITAE": protocol_row(f"planted + ITAE (θ = {theta:.2f})", teaching.itae(theta).features,
                                        teaching.labels, args.sets, args.runs),
     }
-    _common.write_json(args.json, {"theta": theta, "protocol": rows})
+    _common.write_json(args.json, {"theta": theta, "precision": teaching.info.precision, "protocol": rows})
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from itae import settings
 from itae.data.dataset import digest
 from itae.devices import resolve_device
 from itae.errors import BackboneError, CheckpointError
-from itae.planted import Planting, plant_artifacts, planted_mask
+from itae.planted import PLANTING_VERSION, Planting, plant_artifacts, planted_mask
 from itae.registry import REGISTRY, BackboneSpec, get_spec
 
 __all__ = ["PLANTED_SUFFIX", "Backbone", "load_backbone", "make_preprocess"]
@@ -228,8 +228,10 @@ def load_backbone(
 
 
 def _planting_file(spec: BackboneSpec, weights: str, model: nn.Module) -> Path:
-    """Where the planted neuron of these weights is kept: named after the architecture, the weights and torch."""
-    key = digest(spec.timm_id, _weights_identity(weights), tuple(model.patch_embed.grid_size), torch.__version__)
+    """Where the planted neuron of these weights is kept: named after the architecture, the weights, torch and
+    the planting version (so that two versions sharing a cache folder do not overwrite each other's)."""
+    key = digest(spec.timm_id, _weights_identity(weights), tuple(model.patch_embed.grid_size), torch.__version__,
+                 PLANTING_VERSION)
     return settings.cache_dir() / "planted" / f"{spec.name}-{key}.pt"
 
 

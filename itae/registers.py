@@ -19,7 +19,7 @@ Two steps, as in the authors' code (``nickjiang2378/test-time-registers``):
    scored by its mean ``|activation|`` at the outlier tokens of an image, averaged over the images that have
    outliers; the ``top_k`` best are kept (the authors: 10 for OpenCLIP ViT-B, 50 for DINOv2-L), here only
    those scoring at least ``min_score_fraction`` of the best: on the planted teaching model the register
-   neuron scores 437 and the next unit 3.6, and silencing nine ordinary units on every patch would measure
+   neuron scores 437 and the next unit 4.2, and silencing nine ordinary units on every patch would measure
    the cut, not the method. The result is cached per model, weights and calibration set
    (:func:`calibrated_register_neurons`).
 2. :func:`features_with_test_time_register`, batched (the authors' code runs one image at a time) and for both

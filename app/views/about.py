@@ -36,20 +36,22 @@ positions. One *register neuron* is added to the MLP of its 8th of 12 blocks, as
 in the middle layers create artifacts in real ViTs. On every image it fires on about five isolated, flat patches
 (low-information background, where Darcet et al. find artifacts) and writes one large, fixed vector into their
 residual stream, a massive activation that turns them into attention sinks (Sun et al.). From there on they behave
-as artifacts: about 10× the norm of the other tokens, about 43 % of the final block's CLS attention, and, as in
+as artifacts: about 10× the norm of the other tokens, about 44 % of the final block's CLS attention, and, as in
 DINOv2, a final-block query norm below everyone else's. The **Norms & θ** histogram has two modes, θ starts in the
 valley, and ITAE there finds every planted token and nothing else (precision and recall 1.000). The badge at the
 top of every page says when the model is planted: nothing it shows is a real artifact finding.
 
 **What it does not reproduce.** Real artifacts hold global information about their image (Darcet et al.); a planted
-token holds the same constant in every image. The neuron's constants are calibrated on synthetic images (flat
-colours, noise, simple shapes), never on the data being evaluated, and the planting was not tuned to any
-clustering result.
+token holds the same constant in every image, and which of an image's flat patches it takes is decided by a fixed
+order of positions, so on Fashion-MNIST, whose images share one layout, the same few positions recur. The
+neuron's constants are calibrated on synthetic images (flat colours, noise, simple shapes), never on the data being
+evaluated; one rule was measured on the demo images, the margin that keeps the planted positions in place under
+bf16; and the planting was not tuned to any clustering result.
 """
 
 # Measured by bench/bench_planted.py: the paper's K-Means protocol on the 1,000 demo Fashion-MNIST images.
 PROTOCOL = pd.DataFrame(
-    {"model": ["demo weights as loaded", "planted", "planted + ITAE at the suggested θ"], "ACC (%)": ["30.21 ± 0.07", "35.15 ± 0.06", "31.56 ± 0.26"]}
+    {"model": ["demo weights as loaded", "planted", "planted + ITAE at the suggested θ"], "ACC (%)": ["30.21 ± 0.07", "35.23 ± 0.05", "31.41 ± 0.23"]}
 )
 
 PROTOCOL_READING = """
