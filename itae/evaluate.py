@@ -25,6 +25,16 @@ Against ``sklearn.cluster.KMeans`` the batch wins in the seeding, where scikit-l
 its time on small per-step operations for one initialisation at a time, and in the GEMMs; on CUDA
 the same code keeps the GPU busy.
 
+Threads
+-------
+A K-Means is thousands of small torch operations, each an OpenMP parallel region that ends in a
+barrier. On a busy CPU (a shared 2-core server, a dashboard serving several visitors) one of the
+threads is often descheduled, and every barrier then waits for it: the dashboard's θ change took
+0.12 s on a quiet machine and up to 4.6 s with two busy processes beside it. A K-Means whose E-step
+is small (``ONE_THREAD_WORK``) therefore runs on one torch thread, which costs nothing on a quiet
+machine and does not collapse on a busy one; a large one keeps every thread (bench/README.md,
+section 3c).
+
 Hopeless initialisations
 ------------------------
 Most of the Lloyd work of a best-of-25 K-Means can go to runs that have no chance to be the best:
@@ -54,6 +64,7 @@ What it saves: 5x of the Lloyd iterations on the blobs at K = 10, where hopeless
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -95,6 +106,9 @@ CUDA_BLOCK_ELEMENTS = 1 << 27
 # more iterations at its last decrease, leaves the batch.
 PRUNE_GAP = 0.02
 PRUNE_HORIZON = 20
+# A K-Means on a CPU whose E-step takes fewer multiply-adds than this (samples x features x
+# initialisations x clusters) runs on one torch thread (module docstring, "Threads").
+ONE_THREAD_WORK = 1 << 28
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,6 +295,30 @@ def _sklearn_kmeans(X, n_clusters, n_init, max_iter, tol, seed) -> KMeansResult:
 
 
 def _torch_kmeans(X, n_clusters, n_init, max_iter, tol, seed, device) -> KMeansResult:
+    with _threads_for(device, work=X.shape[0] * X.shape[1] * n_init * n_clusters):
+        return _batched_kmeans(X, n_clusters, n_init, max_iter, tol, seed, device)
+
+
+@contextlib.contextmanager
+def _threads_for(device, work: int):
+    """One torch thread for a small K-Means on a CPU (module docstring, "Threads"), else as they are.
+
+    ``work`` is the multiply-adds of one E-step. ``torch.set_num_threads`` sets the calling thread's
+    OpenMP thread count (and the default of threads that have not run torch yet), so the count is put
+    back at the end.
+    """
+    before = torch.get_num_threads()
+    if device.type != "cpu" or work >= ONE_THREAD_WORK or before == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _batched_kmeans(X, n_clusters, n_init, max_iter, tol, seed, device) -> KMeansResult:
     tol_abs = tol * float(np.var(X, axis=0).mean())  # scikit-learn's absolute tolerance
     X = torch.as_tensor(X, dtype=torch.float32, device=device)
     # Centred, as scikit-learn does: the GEMM form ||x||² - 2 x·c + ||c||² then loses far less to

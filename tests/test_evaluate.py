@@ -353,3 +353,26 @@ def test_stratified_split_keeps_class_proportions():
     assert sorted(np.concatenate([train, test]).tolist()) == list(range(200))
     again = stratified_split(labels, test_fraction=0.5, seed=0)
     assert np.array_equal(train, again[0]) and not np.array_equal(test, stratified_split(labels, 0.5, seed=1)[1])
+
+
+def test_a_small_kmeans_runs_on_one_thread_and_puts_the_count_back(monkeypatch, sphere_blobs):
+    X, _ = sphere_blobs
+    seen = []
+    lloyd = evaluate._lloyd
+
+    def recording_lloyd(*args):
+        seen.append(torch.get_num_threads())
+        return lloyd(*args)
+
+    monkeypatch.setattr(evaluate, "_lloyd", recording_lloyd)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        kmeans(X, 10, n_init=4, seed=0, backend="torch", device="cpu")
+        assert torch.get_num_threads() == 2
+        monkeypatch.setattr(evaluate, "ONE_THREAD_WORK", 0)  # every K-Means counts as large
+        kmeans(X, 10, n_init=4, seed=0, backend="torch", device="cpu")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert seen == [1, 2]
