@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
         print("faiss is not installed (pip install -r bench/requirements.txt): its column is left out")
     print(f"{args.sets} set(s) x {N_INIT} initialisations, best inertia per set; ours on {device}; "
           f"threads per library: {' and '.join(map(str, thread_counts))}; ours runs on one thread whatever the "
-          f"setting when an E-step is under {evaluate.ONE_THREAD_WORK:,} multiply-adds (n x D x 25 x K)")
+          f"setting when an E-step is under {evaluate.ONE_THREAD_WORK:,} multiply-adds (n x D x {N_INIT} x K)")
     results = []
     for name, k, X in datasets(args):
         cells = {}
